@@ -1,0 +1,316 @@
+"""Fast trie-constrained beam search and teacher-forced SID scoring for a TIGER T5.
+
+Speed comes from four choices (semantics match HF ``generate``; see ``reference.py`` and the tests):
+
+* the encoder runs once, and each decoder layer's cross-attention K/V are projected once **per
+  history** (B rows), not per beam: beams are the query positions of their history's attention;
+* a self-attention KV cache of our own (the decoder only ever sees L+1 ≤ 5 positions);
+* the constraint is a tensor lookup in :class:`~genrec.decoding.trie.SidTrie` for all beams at once,
+  and top-k runs only over the current position's token range;
+* step 0 expands one beam per history instead of ``num_beams`` identical copies.
+
+The decoder is driven through the T5 submodules (layer norms, q/k/v/o projections, FFN pieces,
+final norm, tied-embedding output scaling, ``lm_head``) in eval mode (dropout off).
+
+Edits (GenRecEdit One-One trigger, specs/genrecedit.md §6.1, ``genrec.models.ffn_edit``): at step p
+the ``wo`` output of layer ``l = edit.layer_for_position(p)`` gets ``edit.delta(p, key)`` for the
+current query only. Cached states of earlier steps stay unedited, so for layers above ``l`` the
+current token runs twice: an unedited stream whose K/V go to the cache and an edited stream that
+only produces this step's logits.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+from transformers import T5ForConditionalGeneration
+
+from genrec.decoding.trie import SidTrie
+from genrec.models.ffn_edit import FFNEdit
+from genrec.tokenizers.sid import PAD_TOKEN
+
+
+@contextmanager
+def eval_mode(model: torch.nn.Module):
+    """Run with dropout off and restore the previous train/eval state afterwards."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
+class CachedT5Decoder:
+    """Step-wise T5 decoder with per-history cross-attention K/V and a self-attention KV cache.
+
+    Rows of every step are grouped by history: ``N = B * group`` rows, row ``b * group + j`` belongs to
+    history ``b``. :meth:`reorder` selects surviving rows (beam search) and may change ``group``.
+    """
+
+    def __init__(
+        self,
+        model: T5ForConditionalGeneration,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        max_steps: int,
+    ) -> None:
+        cfg = model.config
+        self.model = model
+        self.blocks = list(model.decoder.block)
+        self.num_heads = cfg.num_heads
+        self.d_kv = cfg.d_kv
+        self.scale_output = bool(getattr(cfg, "scale_decoder_outputs", cfg.tie_word_embeddings))
+        self.output_scale = cfg.d_model**-0.5
+        self.gated = bool(cfg.is_gated_act)
+        device = model.lm_head.weight.device
+        input_ids = input_ids.to(device)
+        attention_mask = attention_mask.to(device)
+        self.batch_size = input_ids.shape[0]
+
+        enc = model.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        dtype = enc.dtype
+        bsz, src_len, _ = enc.shape
+        # Additive mask as in HF's eager path: 0 for real tokens, dtype-min for padding.
+        self.cross_bias = torch.zeros(bsz, 1, 1, src_len, dtype=dtype, device=device).masked_fill(
+            attention_mask[:, None, None, :] == 0, torch.finfo(dtype).min
+        )
+        self.cross_k: list[torch.Tensor] = []
+        self.cross_v: list[torch.Tensor] = []
+        for block in self.blocks:
+            att = block.layer[1].EncDecAttention
+            self.cross_k.append(att.k(enc).view(bsz, src_len, self.num_heads, self.d_kv).transpose(1, 2))
+            self.cross_v.append(att.v(enc).view(bsz, src_len, self.num_heads, self.d_kv).transpose(1, 2))
+        # (H, T, T) causal relative-position bias; step t uses row t, columns 0..t.
+        self.self_bias = self.blocks[0].layer[0].SelfAttention.compute_bias(max_steps, max_steps, device=device)[0]
+        self.max_steps = max_steps
+        self.self_k: list[torch.Tensor | None] = [None] * len(self.blocks)
+        self.self_v: list[torch.Tensor | None] = [None] * len(self.blocks)
+        self.group = 1
+        self.steps_done = 0
+
+    # ----------------------------------------------------------------------------------- pieces
+    def _self_attention(self, i: int, h: torch.Tensor, t: int, write: bool, new_kv: dict) -> torch.Tensor:
+        layer = self.blocks[i].layer[0]
+        att = layer.SelfAttention
+        n = h.shape[0]
+        x = layer.layer_norm(h)
+        q = att.q(x).view(n, self.num_heads, self.d_kv)
+        k = att.k(x).view(n, self.num_heads, 1, self.d_kv)
+        v = att.v(x).view(n, self.num_heads, 1, self.d_kv)
+        if self.self_k[i] is not None:
+            k = torch.cat([self.self_k[i], k], dim=2)
+            v = torch.cat([self.self_v[i], v], dim=2)
+        if write:
+            new_kv[i] = (k, v)
+        # T5 does not scale q·k; the relative position bias carries position.
+        scores = torch.einsum("nhd,nhtd->nht", q, k) + self.self_bias[None, :, t, : t + 1]
+        weights = torch.softmax(scores.float(), dim=-1).type_as(scores)
+        out = torch.einsum("nht,nhtd->nhd", weights, v).reshape(n, self.num_heads * self.d_kv)
+        return h + att.o(out)
+
+    def _cross_attention(self, i: int, h: torch.Tensor) -> torch.Tensor:
+        layer = self.blocks[i].layer[1]
+        att = layer.EncDecAttention
+        n = h.shape[0]
+        x = layer.layer_norm(h)
+        # Beams of one history are its query positions: (B, H, group, d) against (B, H, S, d).
+        q = att.q(x).view(self.batch_size, n // self.batch_size, self.num_heads, self.d_kv).transpose(1, 2)
+        scores = torch.matmul(q, self.cross_k[i].transpose(-1, -2)) + self.cross_bias
+        weights = torch.softmax(scores.float(), dim=-1).type_as(scores)
+        out = torch.matmul(weights, self.cross_v[i]).transpose(1, 2).reshape(n, self.num_heads * self.d_kv)
+        return h + att.o(out)
+
+    def _ffn(self, i: int, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        layer = self.blocks[i].layer[-1]
+        ff = layer.DenseReluDense
+        x = layer.layer_norm(h)
+        key = ff.act(ff.wi_0(x)) * ff.wi_1(x) if self.gated else ff.act(ff.wi(x))
+        return h + ff.wo(key.to(ff.wo.weight.dtype)), key
+
+    def _block(self, i: int, h: torch.Tensor, t: int, write: bool, new_kv: dict):
+        h = self._self_attention(i, h, t, write, new_kv)
+        h = self._cross_attention(i, h)
+        return self._ffn(i, h)
+
+    def _logits(self, h: torch.Tensor) -> torch.Tensor:
+        h = self.model.decoder.final_layer_norm(h)
+        if self.scale_output:
+            h = h * self.output_scale
+        return self.model.lm_head(h)
+
+    # ----------------------------------------------------------------------------------- API
+    def step(self, tokens: torch.Tensor, edit: FFNEdit | None = None) -> torch.Tensor:
+        """Feed one token per row (N = B * group) at the next position; returns (N, V) logits."""
+        t = self.steps_done
+        if t >= self.max_steps:
+            raise RuntimeError(f"decoder was built for {self.max_steps} steps")
+        if tokens.shape[0] != self.batch_size * self.group:
+            raise ValueError(f"expected {self.batch_size * self.group} tokens, got {tokens.shape[0]}")
+        edit_layer = edit.layer_for_position(t) if edit is not None else None
+        if edit_layer is not None and not 0 <= edit_layer < len(self.blocks):
+            raise ValueError(f"edit.layer_for_position({t}) = {edit_layer} is not a decoder layer")
+        new_kv: dict = {}
+        h = self.model.decoder.embed_tokens(tokens.to(self.cross_bias.device))
+        h_edit = None
+        for i in range(len(self.blocks)):
+            h, key = self._block(i, h, t, True, new_kv)
+            if h_edit is not None:
+                # Edited stream: sees the cached (unedited) past plus its own current K/V, writes nothing.
+                h_edit, _ = self._block(i, h_edit, t, False, new_kv)
+            elif i == edit_layer:
+                h_edit = h + edit.delta(t, key).to(h.dtype)
+        for i, (k, v) in new_kv.items():
+            self.self_k[i], self.self_v[i] = k, v
+        self.steps_done = t + 1
+        return self._logits(h if h_edit is None else h_edit)
+
+    def reorder(self, rows: torch.Tensor, group: int) -> None:
+        """Keep cache rows ``rows`` (length B * group, grouped by history) for the next step."""
+        if rows.shape[0] != self.batch_size * group:
+            raise ValueError(f"reorder needs {self.batch_size * group} rows, got {rows.shape[0]}")
+        self.self_k = [None if k is None else k.index_select(0, rows) for k in self.self_k]
+        self.self_v = [None if v is None else v.index_select(0, rows) for v in self.self_v]
+        self.group = group
+
+
+def _validate(model, input_ids, attention_mask) -> None:
+    if not isinstance(model, T5ForConditionalGeneration):
+        raise TypeError(f"model must be a transformers T5ForConditionalGeneration, got {type(model).__name__}")
+    if input_ids.ndim != 2 or attention_mask.shape != input_ids.shape:
+        raise ValueError(
+            f"input_ids and attention_mask must both be (B, T); got {tuple(input_ids.shape)} and "
+            f"{tuple(attention_mask.shape)}"
+        )
+
+
+@torch.no_grad()
+def constrained_beam_search(
+    model: T5ForConditionalGeneration,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    trie: SidTrie,
+    num_beams: int = 20,
+    top_k: int = 20,
+    edit: FFNEdit | None = None,
+    unconstrained: bool = False,
+    return_tokens: bool = False,
+):
+    """Beam search over the L+1 SID positions, constrained to SIDs in ``trie`` (decision 4).
+
+    Beam score = sum of token log-probs (log-softmax over the whole vocabulary, invalid tokens then
+    masked, no renormalisation, no length penalty) — the same as HF ``generate`` with
+    ``prefix_allowed_tokens_fn`` and ``length_penalty=0``.
+
+    Args:
+        model: TIGER T5 (run in eval mode here; its train/eval state is restored).
+        input_ids, attention_mask: (B, T) encoder inputs (``genrec.models.tiger.encode_histories``).
+        trie: valid SIDs (``SidTrie.from_table``); also maps final SIDs to items.
+        num_beams: beams kept per history at every step.
+        top_k: ranked items returned per history (≤ num_beams).
+        edit: optional One-One FFN edit (see module docstring).
+        unconstrained: explicit option: no trie masking, top-k over the whole vocabulary at every step;
+            sequences that are not valid SIDs come back with item -1 (their tokens tell them apart
+            from empty slots, whose tokens are 0).
+        return_tokens: also return the (B, top_k, L+1) tokens.
+
+    Returns:
+        items (B, top_k) int64, best first, -1 where fewer than top_k SIDs exist (or the SID is invalid
+        in unconstrained mode); scores (B, top_k) float32, -inf for empty slots; [tokens (B, top_k, L+1)
+        int64, 0 for empty slots]. Beams are distinct sequences, so the ranked items are distinct.
+    """
+    _validate(model, input_ids, attention_mask)
+    if not 1 <= top_k <= num_beams:
+        raise ValueError(f"top_k must lie in [1, num_beams={num_beams}], got {top_k}")
+    depth = trie.sid_length
+    bsz = input_ids.shape[0]
+    with eval_mode(model):
+        dec = CachedT5Decoder(model, input_ids, attention_mask, max_steps=depth)
+        device = dec.cross_bias.device
+        vocab = model.config.vocab_size
+        arange_b = torch.arange(bsz, device=device)[:, None]
+        group = 1
+        beam_scores = torch.zeros(bsz, 1, device=device)
+        seqs = torch.zeros(bsz, 1, 0, dtype=torch.long, device=device)
+        node = trie.root(bsz).to(device)
+        tokens_in = torch.full((bsz,), PAD_TOKEN, dtype=torch.long, device=device)
+        for t in range(depth):
+            logp = F.log_softmax(dec.step(tokens_in, edit).float(), dim=-1)
+            if unconstrained:
+                offset, width, step_lp = 0, vocab, logp
+            else:
+                offset, width = trie.level_offsets[t], trie.level_sizes[t]
+                step_lp = logp[:, offset : offset + width].masked_fill(~trie.allowed(t, node).to(device), float("-inf"))
+            cand = (beam_scores.reshape(-1, 1) + step_lp).reshape(bsz, group * width)
+            keep = min(num_beams, group * width)
+            beam_scores, flat = cand.topk(keep, dim=1)
+            origin = (arange_b * group + torch.div(flat, width, rounding_mode="floor")).reshape(-1)
+            value = (flat % width).reshape(-1)
+            seqs = torch.cat([seqs.reshape(bsz * group, -1)[origin].reshape(bsz, keep, -1),
+                              (value + offset).reshape(bsz, keep, 1)], dim=2)
+            if not unconstrained:
+                node = trie.advance(t, node[origin], value).to(device)
+            tokens_in = value + offset
+            group = keep
+            if t + 1 < depth:
+                dec.reorder(origin, group)
+
+    if unconstrained:
+        items = trie.items_of_tokens(seqs).to(device)
+    else:
+        items = trie.items_of_leaves(node).to(device).reshape(bsz, group)
+    dead = torch.isinf(beam_scores)
+    items = items.masked_fill(dead, -1)
+    seqs = seqs.masked_fill(dead[..., None], PAD_TOKEN)
+    if group < top_k:  # catalogue smaller than the beam at some step
+        pad = top_k - group
+        items = F.pad(items, (0, pad), value=-1)
+        beam_scores = F.pad(beam_scores, (0, pad), value=float("-inf"))
+        seqs = F.pad(seqs, (0, 0, 0, pad), value=PAD_TOKEN)
+    out = (items[:, :top_k], beam_scores[:, :top_k])
+    return (*out, seqs[:, :top_k]) if return_tokens else out
+
+
+def score_sids(
+    model: T5ForConditionalGeneration,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    sid_tokens: torch.Tensor,
+    edit: FFNEdit | None = None,
+    reduction: str = "sum",
+) -> torch.Tensor:
+    """Teacher-forced log-probability of given SIDs (specs/genrecedit.md §6.2).
+
+    ``log p(y | x) = Σ_p log p(y_p | x, y_<p)`` where, with an edit, step p's query alone is edited
+    (earlier positions' states unedited) — exactly the beam-search semantics. Gradients flow (wrap in
+    ``torch.no_grad`` for evaluation); dropout is off.
+
+    Args:
+        sid_tokens: (B, L+1) or (B, M, L+1) token ids: one or M candidate SIDs per history.
+        reduction: "sum" → (B,) / (B, M); "none" → per-position log-probs (B[, M], L+1).
+    """
+    _validate(model, input_ids, attention_mask)
+    if reduction not in ("sum", "none"):
+        raise ValueError(f"reduction must be 'sum' or 'none', got {reduction!r}")
+    squeeze = sid_tokens.ndim == 2
+    sids = sid_tokens[:, None, :] if squeeze else sid_tokens
+    if sids.ndim != 3 or sids.shape[0] != input_ids.shape[0]:
+        raise ValueError(f"sid_tokens must be (B, L+1) or (B, M, L+1) with B = {input_ids.shape[0]}")
+    bsz, m, depth = sids.shape
+    with eval_mode(model):
+        dec = CachedT5Decoder(model, input_ids, attention_mask, max_steps=depth)
+        device = dec.cross_bias.device
+        sids = sids.to(device).long()
+        flat = sids.reshape(bsz * m, depth)
+        dec.reorder(torch.arange(bsz, device=device).repeat_interleave(m), m)
+        tokens_in = torch.full((bsz * m,), PAD_TOKEN, dtype=torch.long, device=device)
+        per_pos = []
+        for t in range(depth):
+            logp = F.log_softmax(dec.step(tokens_in, edit).float(), dim=-1)
+            per_pos.append(logp.gather(1, flat[:, t : t + 1]).squeeze(1))
+            tokens_in = flat[:, t]
+    lp = torch.stack(per_pos, dim=1).reshape(bsz, m, depth)
+    out = lp.sum(-1) if reduction == "sum" else lp
+    return out[:, 0] if squeeze else out

@@ -1,0 +1,256 @@
+"""Edit knowledge for cold items (specs/genrecedit.md §2; decision 5).
+
+Pipeline (paper Eq. 5–7 and the released ``prepare_edit_data.py``, cleaned as the spec recommends):
+
+1. ``nearest_neighbours``: top-k warm items by cosine of text embeddings; a cold item is never its own
+   neighbour (the released pool could contain it and retrieve itself at cos = 1).
+2. ``pseudo_knowledge``: for every neighbour occurrence *as a target* of a training instance, the instance's
+   history (the interactions right before the occurrence) becomes a pseudo history of the cold item.
+   Histories are de-duplicated per cold item (the released script drew from duplicated candidates), empty
+   histories are skipped, and ``histories_per_item`` of them are drawn uniformly without replacement with a
+   seeded RNG (the released RNG was unseeded).
+3. ``EditKnowledge.position_requests``: position-wise requests ⟨(history, SID prefix t_<p), t_p⟩, p = 0..L.
+
+``true_history_knowledge`` builds the "Upper Bound" knowledge (§2.6) from the evaluation instances of the
+cold items themselves; it is flagged ``leaks_eval=True`` because it uses test histories by design.
+
+Histories are item arrays ``(n, N)`` int64, left-padded with -1 (most recent item last); targets ``(n,)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from genrec.models.tiger import encode_histories
+from genrec.tokenizers.sid import SemanticIdTable
+
+KNOWLEDGE_SOURCES = ("pseudo", "upper_bound")
+
+
+def _check_history(history: np.ndarray, target: np.ndarray, name: str) -> tuple[np.ndarray, np.ndarray]:
+    history = np.asarray(history, dtype=np.int64)
+    target = np.asarray(target, dtype=np.int64)
+    if history.ndim != 2:
+        raise ValueError(f"{name}_history must be 2-D (n, N) left-padded with -1, got shape {history.shape}")
+    if target.shape != (history.shape[0],):
+        raise ValueError(f"{name}_target must have shape ({history.shape[0]},), got {target.shape}")
+    return history, target
+
+
+@torch.no_grad()
+def nearest_neighbours(
+    query_embeddings: np.ndarray | torch.Tensor,
+    pool_embeddings: np.ndarray | torch.Tensor,
+    k: int,
+    query_items: np.ndarray | None = None,
+    pool_items: np.ndarray | None = None,
+    batch_size: int = 4096,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Top-``k`` pool rows by cosine similarity for each query, best first.
+
+    With ``query_items``/``pool_items`` a pool row holding the query's own item is never returned.
+    Returns ``(index (q, k) into the pool, -1 where fewer than k candidates exist; similarity (q, k))``.
+    """
+    q = torch.nn.functional.normalize(torch.as_tensor(np.asarray(query_embeddings), dtype=torch.float32), dim=1)
+    p = torch.nn.functional.normalize(torch.as_tensor(np.asarray(pool_embeddings), dtype=torch.float32), dim=1)
+    if q.shape[1] != p.shape[1]:
+        raise ValueError(f"embedding widths differ: cold items {q.shape[1]}, warm pool {p.shape[1]}")
+    n_q, n_p = q.shape[0], p.shape[0]
+    kk = min(k, n_p)
+    index = np.full((n_q, k), -1, dtype=np.int64)
+    sims = np.full((n_q, k), -np.inf, dtype=np.float32)
+    if kk == 0 or n_q == 0:
+        return index, sims
+    exclude = query_items is not None and pool_items is not None
+    if exclude:
+        pool_t = torch.as_tensor(np.asarray(pool_items, dtype=np.int64))
+        query_t = torch.as_tensor(np.asarray(query_items, dtype=np.int64))
+    for start in range(0, n_q, batch_size):
+        s = q[start : start + batch_size] @ p.T
+        if exclude:
+            s = s.masked_fill(query_t[start : start + batch_size, None] == pool_t[None, :], float("-inf"))
+        val, idx = torch.topk(s, kk, dim=1)
+        valid = torch.isfinite(val)
+        index[start : start + len(s), :kk] = torch.where(valid, idx, -1).numpy()
+        sims[start : start + len(s), :kk] = val.numpy()
+    return index, sims
+
+
+@dataclass
+class EditKnowledge:
+    """Histories that should lead to cold items: row i says "after ``histories[i]`` comes ``items[i]``"."""
+
+    items: np.ndarray  # (m,) cold item of each history
+    histories: np.ndarray  # (m, N) int64, left-padded with -1
+    source: str  # "pseudo" | "upper_bound"
+    leaks_eval: bool  # True when built from evaluation instances (Upper Bound)
+    cold_items: np.ndarray  # (c,) every cold item asked for, in the caller's order
+    neighbours: np.ndarray | None = None  # (c, k) warm neighbour items (-1 = none), pseudo only
+    source_rows: np.ndarray | None = None  # (m,) row of the train (pseudo) / eval (upper bound) arrays used
+    stats: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.items = np.asarray(self.items, dtype=np.int64)
+        self.histories = np.asarray(self.histories, dtype=np.int64)
+        if self.source not in KNOWLEDGE_SOURCES:
+            raise ValueError(f"source must be one of {KNOWLEDGE_SOURCES}, got {self.source!r}")
+        if self.histories.ndim != 2 or self.histories.shape[0] != len(self.items):
+            raise ValueError(f"histories must be (m, N) with m = {len(self.items)}, got {self.histories.shape}")
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def sid_tokens(self, sid_table: SemanticIdTable) -> np.ndarray:
+        """(m, L+1) SID tokens of each history's cold item."""
+        return sid_table.tokens_of(self.items)
+
+    def position_requests(self, sid_table: SemanticIdTable, position: int) -> tuple[np.ndarray, np.ndarray]:
+        """Requests at SID position ``p``: decoder input ``[0, t_0..t_{p-1}]`` (m, p+1) and target ``t_p`` (m,).
+
+        The encoder input of request i is ``histories[i]``; the "last subject token" is decoder step p.
+        """
+        tokens = self.sid_tokens(sid_table)
+        if not 0 <= position < tokens.shape[1]:
+            raise ValueError(f"position must lie in [0, {tokens.shape[1]}), got {position}")
+        prefix = np.concatenate([np.zeros((len(tokens), 1), dtype=np.int64), tokens[:, :position]], axis=1)
+        return prefix, tokens[:, position]
+
+
+def pseudo_knowledge(
+    cold_items: np.ndarray,
+    neighbours: np.ndarray,
+    train_history: np.ndarray,
+    train_target: np.ndarray,
+    histories_per_item: int = 10,
+    seed: int = 0,
+) -> EditKnowledge:
+    """Pseudo histories of each cold item from its neighbours' occurrences as training targets.
+
+    ``neighbours`` (c, k) holds warm *item ids* (-1 = none) for ``cold_items`` (c,). Fully vectorised: an
+    inverted index target → training rows replaces the released O(#occurrences·|C|) loop.
+    """
+    cold_items = np.asarray(cold_items, dtype=np.int64)
+    neighbours = np.asarray(neighbours, dtype=np.int64)
+    train_history, train_target = _check_history(train_history, train_target, "train")
+    if neighbours.shape[0] != len(cold_items):
+        raise ValueError(f"neighbours must have one row per cold item ({len(cold_items)}), got {neighbours.shape}")
+    if histories_per_item < 1:
+        raise ValueError(f"histories_per_item must be >= 1, got {histories_per_item}")
+    if np.any(neighbours == cold_items[:, None]):
+        raise ValueError("a cold item is listed as its own neighbour; build neighbours with nearest_neighbours")
+
+    # Unique id per distinct history (row content) so duplicates from cumulative training rows collapse.
+    _, hist_id = np.unique(train_history, axis=0, return_inverse=True)
+    hist_id = hist_id.reshape(-1)
+    non_empty = (train_history >= 0).any(axis=1)
+
+    order = np.argsort(train_target, kind="stable")
+    sorted_targets = train_target[order]
+    flat_nb = neighbours.reshape(-1)
+    lo = np.searchsorted(sorted_targets, flat_nb, side="left")
+    hi = np.searchsorted(sorted_targets, flat_nb, side="right")
+    counts = np.where(flat_nb >= 0, hi - lo, 0)
+    total = int(counts.sum())
+    # Expand every (cold item, neighbour) pair into the training rows where the neighbour is the target.
+    group_start = np.repeat(np.cumsum(counts) - counts, counts)
+    rows = order[np.repeat(lo, counts) + (np.arange(total) - group_start)]
+    cold_idx = np.repeat(np.repeat(np.arange(len(cold_items)), neighbours.shape[1]), counts)
+
+    keep = non_empty[rows]
+    rows, cold_idx = rows[keep], cold_idx[keep]
+    n_candidates = len(rows)
+    key = cold_idx * (int(hist_id.max()) + 1 if len(hist_id) else 1) + hist_id[rows]
+    _, first = np.unique(key, return_index=True)
+    rows, cold_idx = rows[first], cold_idx[first]
+
+    # Seeded uniform draw without replacement within each cold item: random priority, keep the lowest ranks.
+    rng = np.random.default_rng(seed)
+    priority = rng.random(len(rows))
+    by = np.lexsort((priority, cold_idx))
+    rows, cold_idx = rows[by], cold_idx[by]
+    starts = np.searchsorted(cold_idx, cold_idx, side="left")
+    rank = np.arange(len(rows)) - starts
+    chosen = rank < histories_per_item
+    rows, cold_idx = rows[chosen], cold_idx[chosen]
+
+    per_item = np.bincount(cold_idx, minlength=len(cold_items))
+    stats = {
+        "num_cold_items": int(len(cold_items)),
+        "num_candidates": int(n_candidates),
+        "num_unique_candidates": int(len(first)),
+        "num_histories": int(len(rows)),
+        "items_without_history": int((per_item == 0).sum()),
+        "mean_histories_per_item": float(per_item.mean()) if len(per_item) else 0.0,
+        "histories_per_item": int(histories_per_item),
+        "seed": int(seed),
+    }
+    return EditKnowledge(
+        items=cold_items[cold_idx],
+        histories=train_history[rows],
+        source="pseudo",
+        leaks_eval=False,
+        cold_items=cold_items,
+        neighbours=neighbours,
+        source_rows=rows,
+        stats=stats,
+    )
+
+
+def true_history_knowledge(
+    cold_items: np.ndarray,
+    eval_history: np.ndarray,
+    eval_target: np.ndarray,
+    max_per_item: int | None = None,
+    seed: int = 0,
+) -> EditKnowledge:
+    """"Upper Bound" knowledge: the evaluation instances whose target is a cold item (leaks by design).
+
+    One request per instance (the released ``edit_requests_gt``); ``max_per_item`` optionally caps it with a
+    seeded draw. Empty histories are skipped, as in the data pipeline.
+    """
+    cold_items = np.asarray(cold_items, dtype=np.int64)
+    eval_history, eval_target = _check_history(eval_history, eval_target, "eval")
+    rows = np.flatnonzero(np.isin(eval_target, cold_items) & (eval_history >= 0).any(axis=1))
+    if max_per_item is not None:
+        rng = np.random.default_rng(seed)
+        by = np.lexsort((rng.random(len(rows)), eval_target[rows]))
+        rows = rows[by]
+        t = eval_target[rows]
+        rank = np.arange(len(rows)) - np.searchsorted(t, t, side="left")
+        rows = np.sort(rows[rank < max_per_item])
+    items = eval_target[rows]
+    covered = np.isin(cold_items, items)
+    stats = {
+        "num_cold_items": int(len(cold_items)),
+        "num_histories": int(len(rows)),
+        "items_without_history": int((~covered).sum()),
+        "max_per_item": max_per_item,
+        "seed": int(seed),
+    }
+    return EditKnowledge(
+        items=items,
+        histories=eval_history[rows],
+        source="upper_bound",
+        leaks_eval=True,
+        cold_items=cold_items,
+        source_rows=rows,
+        stats=stats,
+    )
+
+
+class SidHistoryEncoder:
+    """Default encoder input: ``genrec.models.tiger.encode_histories`` (TIGER's layout, no user token).
+
+    ``max_items`` must equal the recommender's ``TigerConfig.max_history_items``. Callers whose recommender
+    uses user tokens or another layout pass their own callable ``history (b, N) -> (input_ids, attention_mask)``.
+    """
+
+    def __init__(self, sid_table: SemanticIdTable, max_items: int = 20) -> None:
+        self.sid_table = sid_table
+        self.max_items = max_items
+
+    def __call__(self, history: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        return encode_histories(history, self.sid_table, max_items=self.max_items)
