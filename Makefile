@@ -20,7 +20,7 @@ setup:
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e ".[dev]" $(TORCH_SPEC)
 	@# precompiled bytecode: first imports of torch/transformers/lightning are several times slower without it
-	$(PY) -m compileall -q -j 0 genrec lightning_modules datamodules callbacks bench >/dev/null
+	$(PY) -m compileall -q -j 0 genrec lightning_modules datamodules callbacks runners bench >/dev/null
 	$(PY) -c "import torch, lightning, transformers, sentence_transformers; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"
 
 test:

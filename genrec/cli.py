@@ -3,7 +3,7 @@
 * ``genrec prepare --config configs/data/<name>.yaml [--data.root DIR] --output_dir DIR``: prepared dataset folder.
 * ``genrec fit|validate|test|predict --config ...``: LightningCLI (the Lightning layer lives outside ``genrec/``;
   it is imported only for these subcommands).
-* ``genrec continual`` / ``genrec edit``: the continual runner and the editing command, when installed.
+* ``genrec demo`` / ``genrec continual`` / ``genrec edit``: orchestration in the top-level ``runners`` package.
 """
 
 from __future__ import annotations
@@ -12,6 +12,8 @@ import os
 import sys
 
 LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
+# Orchestration commands live in the top-level `runners` package (they drive Lightning Trainers).
+RUNNER_SUBCOMMANDS = ("demo", "continual", "edit")
 
 
 def prepare_parser():
@@ -31,8 +33,6 @@ def prepare_parser():
 
 def run_prepare(argv: list[str]) -> dict:
     import json
-    from pathlib import Path
-
     import numpy as np
 
     from genrec.data.pipeline import item_embeddings, prepare
@@ -58,7 +58,6 @@ def run_prepare(argv: list[str]) -> dict:
     removed = {k: v for k, v in stats["preprocessing"].items() if k.startswith("removed") and v}
     if removed or stats["items_text_fallback"]:
         print("removed / fell back:", json.dumps({**removed, "items_text_fallback": stats["items_text_fallback"]}))
-    Path(out, "stats.json").exists()
     return stats
 
 
@@ -67,14 +66,10 @@ def main(argv: list[str] | None = None) -> None:
     cmd = argv[0] if argv else None
     if cmd == "prepare":
         run_prepare(argv[1:])
-    elif cmd in ("continual", "edit"):
+    elif cmd in RUNNER_SUBCOMMANDS:
         import importlib
 
-        try:
-            mod = importlib.import_module(f"genrec.commands.{cmd}")
-        except ModuleNotFoundError:
-            sys.exit(f"genrec {cmd}: not available in this version")
-        mod.main(argv[1:])
+        importlib.import_module(f"runners.{cmd}").main(argv[1:])
     else:
         from lightning_modules.cli import run_lightning_cli
 

@@ -45,7 +45,9 @@ def load_previous_tokenizer(path: str | Path) -> tuple[dict, dict | None, dict |
     if any(k.startswith("model.") for k in state):
         rq = {k[len("model.") :]: v for k, v in state.items() if k.startswith("model.")}
         return rq, hp.get("config"), None
-    raise ValueError(f"previous_checkpoint: {path} holds neither RQVAEModule ('model.*') nor DACTModule weights")
+    raise ValueError(
+        f"previous_checkpoint: {path} holds neither RQVAEModule ('model.*') nor DACTModule weights"
+    )
 
 
 class DACTModule(L.LightningModule):
@@ -68,8 +70,9 @@ class DACTModule(L.LightningModule):
             any, else memory only).
 
     Without any previous weights the model starts from a random RQ-VAE: that is only meant for
-    ``load_from_checkpoint`` (the checkpoint holds both the old and the current tokenizer); ``fit``
-    refuses to start from it.
+    ``load_from_checkpoint`` (the checkpoint holds both the old and the current tokenizer; pass
+    ``previous_checkpoint=None`` there if the original file has moved); ``fit`` refuses to start from it.
+    ``fit`` runs for the Trainer's ``max_epochs`` (the reference: 5,000, ``DACTConfig.epochs``).
     """
 
     SID_TABLE_FILE = "sid_table.parquet"
@@ -131,8 +134,12 @@ class DACTModule(L.LightningModule):
     @classmethod
     def from_model(cls, previous: RQVAE, dact_config: DACTConfig | None = None, **kwargs) -> DACTModule:
         """Module fine-tuning an in-memory ``RQVAE`` (its config and weights are copied)."""
-        return cls(rqvae_config=previous.config, dact_config=dact_config,
-                   previous_state_dict=previous.state_dict(), **kwargs)
+        return cls(
+            rqvae_config=previous.config,
+            dact_config=dact_config,
+            previous_state_dict=previous.state_dict(),
+            **kwargs,
+        )
 
     # ------------------------------------------------------------------ training
     def on_load_checkpoint(self, checkpoint: dict) -> None:
@@ -148,13 +155,21 @@ class DACTModule(L.LightningModule):
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         x, cf, _ = batch
         if cf is None:
-            raise ValueError("DACTModule: batches need CF embeddings (ItemEmbeddingDataModule cf_embeddings_path)")
+            raise ValueError(
+                "DACTModule: batches need CF embeddings (ItemEmbeddingDataModule cf_embeddings_path)"
+            )
         out = self.model(x, cf)
         bs = x.shape[0]
         for name, value in out.items():
             key = "dact/train/loss" if name == "loss" else f"dact/train/{name}"
-            self.log(key, value.detach() if name == "loss" else value, on_step=False, on_epoch=True,
-                     batch_size=bs, prog_bar=name in ("loss", "drift_ratio"))
+            self.log(
+                key,
+                value.detach() if name == "loss" else value,
+                on_step=False,
+                on_epoch=True,
+                batch_size=bs,
+                prog_bar=name in ("loss", "drift_ratio"),
+            )
         return out["loss"]
 
     def _catalogue(self) -> torch.Tensor | None:
@@ -175,7 +190,9 @@ class DACTModule(L.LightningModule):
         # The DACT recipe clips at config.grad_clip; a Trainer-level setting takes precedence.
         clip = gradient_clip_val if gradient_clip_val is not None else self.dact_config.grad_clip
         if clip:
-            self.clip_gradients(optimizer, gradient_clip_val=clip, gradient_clip_algorithm=gradient_clip_algorithm or "norm")
+            self.clip_gradients(
+                optimizer, gradient_clip_val=clip, gradient_clip_algorithm=gradient_clip_algorithm or "norm"
+            )
 
     def configure_optimizers(self):
         c = self.dact_config
@@ -184,7 +201,7 @@ class DACTModule(L.LightningModule):
         epochs = max(self.trainer.max_epochs or 1, 1)
         finite = np.isfinite(total) and total > 0
         per_epoch = total / epochs if finite else 1
-        warmup = int(round(c.warmup_epochs * per_epoch))
+        warmup = round(c.warmup_epochs * per_epoch)
         total_steps = int(total) if finite else 2**62  # unbounded run: warm-up, then (almost) flat
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: linear_warmup_decay(s, warmup, total_steps))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
@@ -201,7 +218,9 @@ class DACTModule(L.LightningModule):
 
     def reassign(self, previous_table: SemanticIdTable, items: np.ndarray, embeddings) -> ReassignResult:
         """SID table of the new catalogue from the previous period's table (policy from the config)."""
-        return reassign(previous_table, items, embeddings, self.model.current, reassign_mode(self.dact_config))
+        return reassign(
+            previous_table, items, embeddings, self.model.current, reassign_mode(self.dact_config)
+        )
 
     def on_fit_end(self) -> None:
         path = self.hparams.previous_sid_table

@@ -114,11 +114,11 @@ class RQVAEModule(L.LightningModule):
 
     # ------------------------------------------------------------------ training
     def on_fit_start(self) -> None:
-        if self.config.kmeans_init and not bool(self.model.codebooks_initialized):
-            if self.hparams.kmeans_init_on == "full":
-                cat = self._catalogue()
-                if cat is not None and cat[1].shape[0] >= self.config.codebook_size:
-                    self.model.init_codebooks_kmeans(cat[1])
+        needs_init = self.config.kmeans_init and not bool(self.model.codebooks_initialized)
+        if needs_init and self.hparams.kmeans_init_on == "full":
+            cat = self._catalogue()
+            if cat is not None and cat[1].shape[0] >= self.config.codebook_size:
+                self.model.init_codebooks_kmeans(cat[1])
 
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
         # Reference behaviour (and fallback): k-means init on the first training batch.
@@ -172,10 +172,14 @@ class RQVAEModule(L.LightningModule):
         hp = self.hparams
         opt_cls = torch.optim.AdamW if hp.optimizer == "adamw" else torch.optim.Adam
         opt = opt_cls(self.model.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
+        # Schedule in optimiser steps; warm-up is given in epochs like the reference.
         total = self.trainer.estimated_stepping_batches
-        epochs = max(self.trainer.max_epochs or 1, 1)
-        per_epoch = total / epochs if np.isfinite(total) and total > 0 else 1
-        warmup = int(round(hp.warmup_epochs * per_epoch))
+        epochs = self.trainer.max_epochs or -1
+        if np.isfinite(total) and total > 0 and epochs > 0:
+            per_epoch = total / epochs
+        else:  # unbounded run: count one epoch as one pass of the train loader
+            per_epoch = max(len(self.trainer.datamodule.train_dataloader()), 1) if self.trainer.datamodule else 1
+        warmup = round(hp.warmup_epochs * per_epoch)
         linear = hp.lr_schedule == "linear" and np.isfinite(total)
 
         def factor(step: int) -> float:

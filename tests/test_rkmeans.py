@@ -104,4 +104,4 @@ def test_residual_kmeans_minibatch_and_seed():
     assert torch.equal(a.codebooks, b.codebooks)
     assert _same_partition(a.encode(x)[:, 0], truth)
     with pytest.raises(RuntimeError, match="not fitted"):
-        ResidualKMeans().codebooks
+        _ = ResidualKMeans().codebooks

@@ -27,6 +27,8 @@ def test_tokens_round_trip_and_unknown_sid():
     assert tok[0].tolist() == [1, 6, 11, 13] and tok[1].tolist() == [1, 6, 11, 14]
     assert table.items_of_tokens(tok).tolist() == [10, 11, 12]
     assert table.items_of_tokens(np.array([[1, 6, 11, 15]])).tolist() == [-1]
+    # a value outside its position's range must not alias another item's SID (code 4 at level 0 = code 0 at level 1)
+    assert table.items_of_tokens(np.array([[5, 2, 11, 13]])).tolist() == [-1]
     assert table.tokens_of(np.array([[12, 10]])).shape == (1, 2, 4)
     with pytest.raises(KeyError):
         table.rows_of(np.array([99]))

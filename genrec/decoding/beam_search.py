@@ -84,38 +84,58 @@ class CachedT5Decoder:
             self.cross_k.append(att.k(enc).view(bsz, src_len, self.num_heads, self.d_kv).transpose(1, 2))
             self.cross_v.append(att.v(enc).view(bsz, src_len, self.num_heads, self.d_kv).transpose(1, 2))
         # (H, T, T) causal relative-position bias; step t uses row t, columns 0..t.
-        self.self_bias = self.blocks[0].layer[0].SelfAttention.compute_bias(max_steps, max_steps, device=device)[0]
+        self.self_bias = (
+            self.blocks[0].layer[0].SelfAttention.compute_bias(max_steps, max_steps, device=device)[0]
+        )
         self.max_steps = max_steps
         self.self_k: list[torch.Tensor | None] = [None] * len(self.blocks)
         self.self_v: list[torch.Tensor | None] = [None] * len(self.blocks)
         self.group = 1
         self.steps_done = 0
+        self._fused_weights()
 
     # ----------------------------------------------------------------------------------- pieces
+    @staticmethod
+    def _norm(layer_norm, h: torch.Tensor) -> torch.Tensor:
+        # T5LayerNorm = RMSNorm without bias (one fused kernel instead of HF's four ops).
+        return F.rms_norm(h, (h.shape[-1],), layer_norm.weight, layer_norm.variance_epsilon)
+
+    def _fused_weights(self) -> None:
+        # One matmul for q|k|v and one for wi_0|wi_1 instead of three and two (same maths).
+        self.qkv_w, self.ffn_in_w = [], []
+        for block in self.blocks:
+            att = block.layer[0].SelfAttention
+            self.qkv_w.append(torch.cat([att.q.weight, att.k.weight, att.v.weight], dim=0))
+            ff = block.layer[-1].DenseReluDense
+            self.ffn_in_w.append(
+                torch.cat([ff.wi_0.weight, ff.wi_1.weight], dim=0) if self.gated else ff.wi.weight
+            )
+
     def _self_attention(self, i: int, h: torch.Tensor, t: int, write: bool, new_kv: dict) -> torch.Tensor:
         layer = self.blocks[i].layer[0]
-        att = layer.SelfAttention
         n = h.shape[0]
-        x = layer.layer_norm(h)
-        q = att.q(x).view(n, self.num_heads, self.d_kv)
-        k = att.k(x).view(n, self.num_heads, 1, self.d_kv)
-        v = att.v(x).view(n, self.num_heads, 1, self.d_kv)
+        q, k, v = (
+            F.linear(self._norm(layer.layer_norm, h), self.qkv_w[i])
+            .view(n, 3, self.num_heads, 1, self.d_kv)
+            .unbind(1)
+        )
         if self.self_k[i] is not None:
             k = torch.cat([self.self_k[i], k], dim=2)
             v = torch.cat([self.self_v[i], v], dim=2)
         if write:
             new_kv[i] = (k, v)
-        # T5 does not scale q·k; the relative position bias carries position.
-        scores = torch.einsum("nhd,nhtd->nht", q, k) + self.self_bias[None, :, t, : t + 1]
+        # T5 does not scale q·k; the relative position bias carries position. With ≤ L+1 keys an
+        # elementwise product beats batched tiny matmuls.
+        scores = (q * k).sum(-1) + self.self_bias[None, :, t, : t + 1]
         weights = torch.softmax(scores.float(), dim=-1).type_as(scores)
-        out = torch.einsum("nht,nhtd->nhd", weights, v).reshape(n, self.num_heads * self.d_kv)
-        return h + att.o(out)
+        out = (weights[..., None] * v).sum(2).reshape(n, self.num_heads * self.d_kv)
+        return h + layer.SelfAttention.o(out)
 
     def _cross_attention(self, i: int, h: torch.Tensor) -> torch.Tensor:
         layer = self.blocks[i].layer[1]
         att = layer.EncDecAttention
         n = h.shape[0]
-        x = layer.layer_norm(h)
+        x = self._norm(layer.layer_norm, h)
         # Beams of one history are its query positions: (B, H, group, d) against (B, H, S, d).
         q = att.q(x).view(self.batch_size, n // self.batch_size, self.num_heads, self.d_kv).transpose(1, 2)
         scores = torch.matmul(q, self.cross_k[i].transpose(-1, -2)) + self.cross_bias
@@ -126,8 +146,12 @@ class CachedT5Decoder:
     def _ffn(self, i: int, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         layer = self.blocks[i].layer[-1]
         ff = layer.DenseReluDense
-        x = layer.layer_norm(h)
-        key = ff.act(ff.wi_0(x)) * ff.wi_1(x) if self.gated else ff.act(ff.wi(x))
+        pre = F.linear(self._norm(layer.layer_norm, h), self.ffn_in_w[i])
+        if self.gated:
+            gate, lin = pre.chunk(2, dim=-1)
+            key = ff.act(gate) * lin
+        else:
+            key = ff.act(pre)
         return h + ff.wo(key.to(ff.wo.weight.dtype)), key
 
     def _block(self, i: int, h: torch.Tensor, t: int, write: bool, new_kv: dict):
@@ -136,7 +160,7 @@ class CachedT5Decoder:
         return self._ffn(i, h)
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
-        h = self.model.decoder.final_layer_norm(h)
+        h = self._norm(self.model.decoder.final_layer_norm, h)
         if self.scale_output:
             h = h * self.output_scale
         return self.model.lm_head(h)
@@ -178,7 +202,9 @@ class CachedT5Decoder:
 
 def _validate(model, input_ids, attention_mask) -> None:
     if not isinstance(model, T5ForConditionalGeneration):
-        raise TypeError(f"model must be a transformers T5ForConditionalGeneration, got {type(model).__name__}")
+        raise TypeError(
+            f"model must be a transformers T5ForConditionalGeneration, got {type(model).__name__}"
+        )
     if input_ids.ndim != 2 or attention_mask.shape != input_ids.shape:
         raise ValueError(
             f"input_ids and attention_mask must both be (B, T); got {tuple(input_ids.shape)} and "
@@ -242,14 +268,21 @@ def constrained_beam_search(
                 offset, width, step_lp = 0, vocab, logp
             else:
                 offset, width = trie.level_offsets[t], trie.level_sizes[t]
-                step_lp = logp[:, offset : offset + width].masked_fill(~trie.allowed(t, node).to(device), float("-inf"))
+                step_lp = logp[:, offset : offset + width].masked_fill(
+                    ~trie.allowed(t, node).to(device), float("-inf")
+                )
             cand = (beam_scores.reshape(-1, 1) + step_lp).reshape(bsz, group * width)
             keep = min(num_beams, group * width)
             beam_scores, flat = cand.topk(keep, dim=1)
             origin = (arange_b * group + torch.div(flat, width, rounding_mode="floor")).reshape(-1)
             value = (flat % width).reshape(-1)
-            seqs = torch.cat([seqs.reshape(bsz * group, -1)[origin].reshape(bsz, keep, -1),
-                              (value + offset).reshape(bsz, keep, 1)], dim=2)
+            seqs = torch.cat(
+                [
+                    seqs.reshape(bsz * group, -1)[origin].reshape(bsz, keep, -1),
+                    (value + offset).reshape(bsz, keep, 1),
+                ],
+                dim=2,
+            )
             if not unconstrained:
                 node = trie.advance(t, node[origin], value).to(device)
             tokens_in = value + offset

@@ -14,9 +14,10 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 
+import numpy as np
 import torch
 import torch.nn.functional as F
-from transformers import GenerationConfig, T5ForConditionalGeneration
+from transformers import DynamicCache, EncoderDecoderCache, GenerationConfig, T5ForConditionalGeneration
 
 from genrec.decoding.beam_search import eval_mode
 from genrec.models.ffn_edit import FFNEdit
@@ -35,6 +36,14 @@ def build_prefix_dict(sid_table: SemanticIdTable) -> dict[tuple[int, ...], list[
     return {k: sorted(v) for k, v in trie.items()}
 
 
+def items_of_tokens_checked(sid_table: SemanticIdTable, tokens: np.ndarray) -> np.ndarray:
+    """``sid_table.items_of_tokens`` plus a range check per position: a token outside its position's
+    range (possible in unconstrained decoding) would otherwise alias another SID's mixed-radix key."""
+    values = tokens - sid_table.level_offsets()
+    in_range = np.all((values >= 0) & (values < np.asarray(sid_table.level_sizes())), axis=-1)
+    return np.where(in_range, sid_table.items_of_tokens(tokens), -1)
+
+
 @contextmanager
 def last_step_edit_hooks(model: T5ForConditionalGeneration, edit: FFNEdit | None, num_positions: int):
     """Hooks adding ``edit.delta(p, key)`` to the last time step of the edited layers' ``wo`` output.
@@ -44,12 +53,9 @@ def last_step_edit_hooks(model: T5ForConditionalGeneration, edit: FFNEdit | None
     """
     handles = []
     if edit is not None:
-        layers = {}
-        for p in range(num_positions):
-            layer = edit.layer_for_position(p)
-            if layer is not None:
-                layers.setdefault(layer, []).append(p)
-        for layer, _positions in layers.items():
+        layers = {edit.layer_for_position(p) for p in range(num_positions)} - {None}
+        for layer in sorted(layers):
+
             def hook(module, inputs, output, layer=layer):
                 p = output.shape[1] - 1
                 if edit.layer_for_position(p) != layer:
@@ -65,6 +71,18 @@ def last_step_edit_hooks(model: T5ForConditionalGeneration, edit: FFNEdit | None
     finally:
         for h in handles:
             h.remove()
+
+
+@contextmanager
+def _no_default_eos(model: T5ForConditionalGeneration):
+    # generate() fills unset fields from model.generation_config; an EOS there (T5 defaults) would end
+    # unconstrained hypotheses early, which the fast path never does.
+    saved = model.generation_config.eos_token_id
+    model.generation_config.eos_token_id = None
+    try:
+        yield
+    finally:
+        model.generation_config.eos_token_id = saved
 
 
 @torch.no_grad()
@@ -113,17 +131,21 @@ def reference_beam_search(
         output_scores=True,
         return_dict_in_generate=True,
     )
-    with eval_mode(model), last_step_edit_hooks(model, edit, depth):
+    # Caches without a config grow per layer on demand; HF sizes a config-built cache by the encoder's
+    # layer count, which breaks models whose decoder is deeper than the encoder.
+    cache = {"past_key_values": EncoderDecoderCache(DynamicCache(), DynamicCache())} if gen.use_cache else {}
+    with eval_mode(model), last_step_edit_hooks(model, edit, depth), _no_default_eos(model):
         out = model.generate(
             input_ids=input_ids,
             attention_mask=attention_mask,
             generation_config=gen,
             prefix_allowed_tokens_fn=None if unconstrained else allowed,
+            **cache,
         )
     bsz = input_ids.shape[0]
     tokens = out.sequences[:, 1:].reshape(bsz, top_k, depth).cpu()
     scores = out.sequences_scores.reshape(bsz, top_k).float().cpu()
-    items = torch.from_numpy(sid_table.items_of_tokens(tokens.numpy()))
+    items = torch.from_numpy(items_of_tokens_checked(sid_table, tokens.numpy()))
     filler = scores < _GARBAGE_SCORE
     items = items.masked_fill(filler, -1)
     scores = scores.masked_fill(filler, float("-inf"))
@@ -148,5 +170,7 @@ def reference_score_sids(
             logits = model(
                 input_ids=input_ids, attention_mask=attention_mask, decoder_input_ids=dec_in[:, : p + 1]
             ).logits[:, -1]
-            out.append(F.log_softmax(logits.float(), -1).gather(1, sid_tokens[:, p : p + 1].long()).squeeze(1))
+            out.append(
+                F.log_softmax(logits.float(), -1).gather(1, sid_tokens[:, p : p + 1].long()).squeeze(1)
+            )
     return torch.stack(out, dim=1)

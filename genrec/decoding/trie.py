@@ -77,7 +77,9 @@ class SidTrie:
         starts = np.cumsum(differs, axis=1) > 0  # prefix of length p+1 differs from the previous row's
         if n > 1 and not starts[1:, -1].all():
             dup = int(np.flatnonzero(~starts[1:, -1])[0]) + 1
-            raise ValueError(f"duplicate semantic ID {tokens[order[dup]].tolist()} (items must have unique SIDs)")
+            raise ValueError(
+                f"duplicate semantic ID {tokens[order[dup]].tolist()} (items must have unique SIDs)"
+            )
 
         self.num_nodes = [1]
         self.ptr: list[torch.Tensor] = []
@@ -117,7 +119,9 @@ class SidTrie:
         device: torch.device | str | None = None,
     ) -> SidTrie:
         """Trie over every item of ``table`` (cold items included)."""
-        return cls(table.tokens(), table.items, table.level_offsets(), table.level_sizes(), dense_limit, device)
+        return cls(
+            table.tokens(), table.items, table.level_offsets(), table.level_sizes(), dense_limit, device
+        )
 
     def to(self, device: torch.device | str) -> SidTrie:
         self.device = torch.device(device)
@@ -192,7 +196,9 @@ class SidTrie:
         """Map (..., L+1) token ids to items, -1 where the sequence is not a valid SID."""
         tokens = torch.as_tensor(tokens, device=self.device)
         if tokens.shape[-1] != self.depth:
-            raise ValueError(f"tokens must end in a dimension of {self.depth}, got shape {tuple(tokens.shape)}")
+            raise ValueError(
+                f"tokens must end in a dimension of {self.depth}, got shape {tuple(tokens.shape)}"
+            )
         flat = tokens.reshape(-1, self.depth).long()
         node = self.root(flat.shape[0])
         for p in range(self.depth):

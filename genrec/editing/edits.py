@@ -15,15 +15,23 @@ position, the edit active only at the last time step, so prefix states are those
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import torch
 from torch import nn
 
-from genrec.editing.keys import decoder_inputs, decoder_logits, encode, eval_mode, ffn_out_proj, wo_hooks
+from genrec.editing.keys import (
+    decoder_inputs,
+    decoder_logits,
+    encode,
+    eval_mode,
+    ffn_out_proj,
+    model_device,
+    wo_hooks,
+)
 from genrec.models.ffn_edit import FFNEdit
 
 STATE_FORMAT = "genrec.position_edits/1"
@@ -211,7 +219,9 @@ def score_with_edit(
     ``wo`` output of ``edit.layer_for_position(p)`` at the last time step only; earlier steps are unedited.
     Without an edit one pass scores all positions (causal decoder). Runs in eval mode; weights untouched.
     """
-    sid_tokens = sid_tokens.long()
+    device = model_device(model)
+    input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+    sid_tokens = sid_tokens.to(device).long()
     length = sid_tokens.shape[1]
     with eval_mode(model):
         enc = encode(model, input_ids, attention_mask)

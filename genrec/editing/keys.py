@@ -9,8 +9,8 @@ prefix ``[0, .., t_{t-1}]`` alone, and one forward yields the keys of every posi
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from typing import Callable, Iterable, Iterator
 
 import torch
 from torch import nn

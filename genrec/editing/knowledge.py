@@ -118,6 +118,33 @@ class EditKnowledge:
         prefix = np.concatenate([np.zeros((len(tokens), 1), dtype=np.int64), tokens[:, :position]], axis=1)
         return prefix, tokens[:, position]
 
+    def object_requests(self, sid_table: SemanticIdTable) -> tuple[np.ndarray, np.ndarray]:
+        """"w/o position-wise" requests (spec §2.5): one per history, subject = the history alone (step 0),
+        object = the whole SID. Returns the teacher-forcing decoder input (m, L+1) and the targets (m, L+1)."""
+        tokens = self.sid_tokens(sid_table)
+        prefix = np.concatenate([np.zeros((len(tokens), 1), dtype=np.int64), tokens[:, :-1]], axis=1)
+        return prefix, tokens
+
+
+def _mix64(x: np.ndarray) -> np.ndarray:
+    """splitmix64 finaliser: a fixed, well-spread 64-bit hash of uint64 values."""
+    with np.errstate(over="ignore"):
+        x = x + np.uint64(0x9E3779B97F4A7C15)
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return x ^ (x >> np.uint64(31))
+
+
+def _priority(seed: int, cold_item: np.ndarray, hist_id: np.ndarray) -> np.ndarray:
+    """Seeded pseudo-random priority of each (cold item, distinct history) pair.
+
+    A hash rather than an RNG stream, so the draw does not depend on chunking or on the order of candidates.
+    """
+    with np.errstate(over="ignore"):
+        h = _mix64(np.full(cold_item.shape, seed, dtype=np.uint64))
+        h = _mix64(h ^ cold_item.astype(np.uint64))
+        return _mix64(h ^ hist_id.astype(np.uint64))
+
 
 def pseudo_knowledge(
     cold_items: np.ndarray,
@@ -126,17 +153,20 @@ def pseudo_knowledge(
     train_target: np.ndarray,
     histories_per_item: int = 10,
     seed: int = 0,
+    chunk_size: int = 1024,
 ) -> EditKnowledge:
     """Pseudo histories of each cold item from its neighbours' occurrences as training targets.
 
-    ``neighbours`` (c, k) holds warm *item ids* (-1 = none) for ``cold_items`` (c,). Fully vectorised: an
-    inverted index target → training rows replaces the released O(#occurrences·|C|) loop.
+    ``neighbours`` (c, k) holds warm *item ids* (-1 = none) for ``cold_items`` (c,). Vectorised with an inverted
+    index target → training rows (the released script looped over occurrences × cold items); cold items are
+    processed ``chunk_size`` at a time so the candidate arrays stay bounded. Each cold item keeps the
+    ``histories_per_item`` distinct histories of lowest seeded priority: a uniform draw without replacement.
     """
     cold_items = np.asarray(cold_items, dtype=np.int64)
     neighbours = np.asarray(neighbours, dtype=np.int64)
     train_history, train_target = _check_history(train_history, train_target, "train")
-    if neighbours.shape[0] != len(cold_items):
-        raise ValueError(f"neighbours must have one row per cold item ({len(cold_items)}), got {neighbours.shape}")
+    if neighbours.ndim != 2 or neighbours.shape[0] != len(cold_items):
+        raise ValueError(f"neighbours must be (c, k) with c = {len(cold_items)} cold items, got {neighbours.shape}")
     if histories_per_item < 1:
         raise ValueError(f"histories_per_item must be >= 1, got {histories_per_item}")
     if np.any(neighbours == cold_items[:, None]):
@@ -144,44 +174,46 @@ def pseudo_knowledge(
 
     # Unique id per distinct history (row content) so duplicates from cumulative training rows collapse.
     _, hist_id = np.unique(train_history, axis=0, return_inverse=True)
-    hist_id = hist_id.reshape(-1)
+    hist_id = hist_id.reshape(-1).astype(np.int64)
+    n_hist = int(hist_id.max()) + 1 if len(hist_id) else 1
     non_empty = (train_history >= 0).any(axis=1)
-
     order = np.argsort(train_target, kind="stable")
     sorted_targets = train_target[order]
-    flat_nb = neighbours.reshape(-1)
-    lo = np.searchsorted(sorted_targets, flat_nb, side="left")
-    hi = np.searchsorted(sorted_targets, flat_nb, side="right")
-    counts = np.where(flat_nb >= 0, hi - lo, 0)
-    total = int(counts.sum())
-    # Expand every (cold item, neighbour) pair into the training rows where the neighbour is the target.
-    group_start = np.repeat(np.cumsum(counts) - counts, counts)
-    rows = order[np.repeat(lo, counts) + (np.arange(total) - group_start)]
-    cold_idx = np.repeat(np.repeat(np.arange(len(cold_items)), neighbours.shape[1]), counts)
 
-    keep = non_empty[rows]
-    rows, cold_idx = rows[keep], cold_idx[keep]
-    n_candidates = len(rows)
-    key = cold_idx * (int(hist_id.max()) + 1 if len(hist_id) else 1) + hist_id[rows]
-    _, first = np.unique(key, return_index=True)
-    rows, cold_idx = rows[first], cold_idx[first]
-
-    # Seeded uniform draw without replacement within each cold item: random priority, keep the lowest ranks.
-    rng = np.random.default_rng(seed)
-    priority = rng.random(len(rows))
-    by = np.lexsort((priority, cold_idx))
-    rows, cold_idx = rows[by], cold_idx[by]
-    starts = np.searchsorted(cold_idx, cold_idx, side="left")
-    rank = np.arange(len(rows)) - starts
-    chosen = rank < histories_per_item
-    rows, cold_idx = rows[chosen], cold_idx[chosen]
+    out_rows, out_idx = [], []
+    n_candidates = n_unique = 0
+    k = neighbours.shape[1]
+    for c0 in range(0, len(cold_items), chunk_size):
+        nb = neighbours[c0 : c0 + chunk_size].reshape(-1)
+        lo = np.searchsorted(sorted_targets, nb, side="left")
+        hi = np.searchsorted(sorted_targets, nb, side="right")
+        counts = np.where(nb >= 0, hi - lo, 0)
+        total = int(counts.sum())
+        # Expand every (cold item, neighbour) pair into the training rows where the neighbour is the target.
+        group_start = np.repeat(np.cumsum(counts) - counts, counts)
+        rows = order[np.repeat(lo, counts) + (np.arange(total) - group_start)]
+        cold_idx = np.repeat(np.repeat(np.arange(c0, c0 + len(nb) // max(k, 1)), k), counts)
+        keep = non_empty[rows]
+        rows, cold_idx = rows[keep], cold_idx[keep]
+        n_candidates += len(rows)
+        _, first = np.unique(cold_idx * n_hist + hist_id[rows], return_index=True)
+        rows, cold_idx = rows[first], cold_idx[first]
+        n_unique += len(rows)
+        by = np.lexsort((_priority(seed, cold_items[cold_idx], hist_id[rows]), cold_idx))
+        rows, cold_idx = rows[by], cold_idx[by]
+        rank = np.arange(len(rows)) - np.searchsorted(cold_idx, cold_idx, side="left")
+        chosen = rank < histories_per_item
+        out_rows.append(rows[chosen])
+        out_idx.append(cold_idx[chosen])
+    rows = np.concatenate(out_rows) if out_rows else np.zeros(0, dtype=np.int64)
+    cold_idx = np.concatenate(out_idx) if out_idx else np.zeros(0, dtype=np.int64)
 
     per_item = np.bincount(cold_idx, minlength=len(cold_items))
     stats = {
-        "num_cold_items": int(len(cold_items)),
+        "num_cold_items": len(cold_items),
         "num_candidates": int(n_candidates),
-        "num_unique_candidates": int(len(first)),
-        "num_histories": int(len(rows)),
+        "num_unique_candidates": int(n_unique),
+        "num_histories": len(rows),
         "items_without_history": int((per_item == 0).sum()),
         "mean_histories_per_item": float(per_item.mean()) if len(per_item) else 0.0,
         "histories_per_item": int(histories_per_item),
@@ -224,8 +256,8 @@ def true_history_knowledge(
     items = eval_target[rows]
     covered = np.isin(cold_items, items)
     stats = {
-        "num_cold_items": int(len(cold_items)),
-        "num_histories": int(len(rows)),
+        "num_cold_items": len(cold_items),
+        "num_histories": len(rows),
         "items_without_history": int((~covered).sum()),
         "max_per_item": max_per_item,
         "seed": int(seed),

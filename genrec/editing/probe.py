@@ -18,7 +18,7 @@ LAYER_MODES = ("probe", "fixed", "random", "worst")
 
 def _split(n: int, train_frac: float, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     perm = torch.randperm(n, generator=g)
-    n_train = int(round(train_frac * n))
+    n_train = round(train_frac * n)
     return perm[:n_train], perm[n_train:]
 
 

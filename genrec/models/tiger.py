@@ -59,9 +59,18 @@ class TigerConfig:
 
     def __post_init__(self) -> None:
         if self.feed_forward_proj not in _FFN_KINDS:
-            raise ValueError(f"TigerConfig.feed_forward_proj must be one of {_FFN_KINDS}, got {self.feed_forward_proj!r}")
-        for name in ("num_encoder_layers", "num_decoder_layers", "d_model", "num_heads", "d_kv", "d_ff",
-                     "max_history_items"):
+            raise ValueError(
+                f"TigerConfig.feed_forward_proj must be one of {_FFN_KINDS}, got {self.feed_forward_proj!r}"
+            )
+        for name in (
+            "num_encoder_layers",
+            "num_decoder_layers",
+            "d_model",
+            "num_heads",
+            "d_kv",
+            "d_ff",
+            "max_history_items",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"TigerConfig.{name} must be >= 1, got {getattr(self, name)}")
         if self.num_user_tokens < 0:
@@ -80,8 +89,8 @@ class TigerConfig:
 def build_tiger(cfg: TigerConfig, vocab_size: int) -> T5ForConditionalGeneration:
     """A freshly initialised T5 (no hub weights) for SID vocabulary ``vocab_size`` (``SemanticIdTable.vocab_size``).
 
-    The model's vocabulary is ``vocab_size + cfg.num_user_tokens``; pad = decoder start = eos = 0 (the
-    EOS id is never produced: decoding always stops after L+1 tokens). Seed torch before calling for a
+    The model's vocabulary is ``vocab_size + cfg.num_user_tokens``; pad = decoder start = 0 and there
+    is no EOS token (decoding always stops after L+1 tokens). Seed torch before calling for a
     reproducible initialisation.
     """
     if vocab_size < 2:
@@ -102,7 +111,7 @@ def build_tiger(cfg: TigerConfig, vocab_size: int) -> T5ForConditionalGeneration
         is_encoder_decoder=True,
         use_cache=True,
         pad_token_id=PAD_TOKEN,
-        eos_token_id=PAD_TOKEN,
+        eos_token_id=None,  # no EOS: a SID always has exactly L+1 tokens
         decoder_start_token_id=PAD_TOKEN,
         tie_word_embeddings=True,
     )
@@ -174,8 +183,8 @@ def encode_histories(
         raise ValueError("history_items must have at least one column")
     # At least one item slot so that an all-padding batch still gives a (fully masked) encoder input.
     keep = min(max(int(valid.sum(axis=1).max()), 1), max_items)
-    items = items[:, items.shape[1] - keep:]
-    valid = valid[:, valid.shape[1] - keep:]
+    items = items[:, items.shape[1] - keep :]
+    valid = valid[:, valid.shape[1] - keep :]
 
     tokens = np.zeros((bsz, keep, width), dtype=np.int64)
     if valid.any():

@@ -97,7 +97,15 @@ class DACTConfig:
         for name in ("num_slots", "hidden_dim", "head_hidden_dim", "batch_size"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"DACTConfig.{name} must be ≥ 1, got {getattr(self, name)}")
-        for name in ("stat_weight", "anchor_weight", "kl_weight", "conf_weight", "grad_clip", "lr", "weight_decay"):
+        for name in (
+            "stat_weight",
+            "anchor_weight",
+            "kl_weight",
+            "conf_weight",
+            "grad_clip",
+            "lr",
+            "weight_decay",
+        ):
             if getattr(self, name) < 0:
                 raise ValueError(f"DACTConfig.{name} must be ≥ 0, got {getattr(self, name)}")
         if self.epochs < 0 or self.warmup_epochs < 0:
@@ -189,7 +197,9 @@ def straight_through_topk_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
     return hard + scores - scores.detach()
 
 
-def random_mask(batch_size: int, k: int, generator: torch.Generator | None = None, device=None) -> torch.Tensor:
+def random_mask(
+    batch_size: int, k: int, generator: torch.Generator | None = None, device=None
+) -> torch.Tensor:
     """Hard mask of k uniformly random rows ("w/o CDIM" ablation); no gradient."""
     mask = torch.zeros(batch_size)
     mask[torch.randperm(batch_size, generator=generator)[:k]] = 1.0
@@ -216,7 +226,10 @@ def global_kl_loss(old_log_probs: torch.Tensor, new_log_probs: torch.Tensor) -> 
     per-item KL is scaled by 1/K.
     """
     # batchmean divides by B; the extra 1/K reproduces the reference's element-wise mean.
-    return F.kl_div(new_log_probs, old_log_probs, reduction="batchmean", log_target=True) / old_log_probs.shape[-1]
+    return (
+        F.kl_div(new_log_probs, old_log_probs, reduction="batchmean", log_target=True)
+        / old_log_probs.shape[-1]
+    )
 
 
 def linear_warmup_decay(step: int, warmup_steps: int, total_steps: int) -> float:
@@ -266,7 +279,9 @@ class DACTModel(nn.Module):
             )
         needs_cdim = config.use_cdim and config.differentiated_update
         if needs_cdim and cdim is None:
-            cdim = CDIM(d, config.num_slots, config.hidden_dim, config.attention_temperature, config.head_hidden_dim)
+            cdim = CDIM(
+                d, config.num_slots, config.hidden_dim, config.attention_temperature, config.head_hidden_dim
+            )
         # None when the ablation does not use it, so its parameters never reach the optimiser.
         self.cdim = cdim if needs_cdim else None
         self.generator: torch.Generator | None = None  # random selection ("w/o CDIM"); set by the trainer
@@ -289,10 +304,14 @@ class DACTModel(nn.Module):
         """(B, K) level-1 log P_old from the old latent and the old level-1 codebook."""
         return self.old.level_log_probs(old_latent, 0, self.config.kl_temperature)
 
-    def confidence(self, old_latent: torch.Tensor, cur_latent: torch.Tensor, cf: torch.Tensor) -> torch.Tensor:
+    def confidence(
+        self, old_latent: torch.Tensor, cur_latent: torch.Tensor, cf: torch.Tensor
+    ) -> torch.Tensor:
         """(B,) CDIM drift confidence (CF mapped to the latent width by the current model, detached)."""
         if self.cdim is None:
-            raise RuntimeError("DACTModel.confidence: CDIM is disabled (use_cdim=False or differentiated_update=False)")
+            raise RuntimeError(
+                "DACTModel.confidence: CDIM is disabled (use_cdim=False or differentiated_update=False)"
+            )
         return self.cdim(old_latent, cur_latent, self.current.project_cf(cf).detach())
 
     def _branch_loss(self, x, cf, z, rows: torch.Tensor | None) -> dict[str, torch.Tensor]:
@@ -412,7 +431,9 @@ def build_dact_model(
     model = DACTModel(previous, config)
     if cdim_state_dict is not None:
         if model.cdim is None:
-            raise ValueError("cdim_state_dict given but CDIM is disabled by the config (use_cdim/differentiated_update)")
+            raise ValueError(
+                "cdim_state_dict given but CDIM is disabled by the config (use_cdim/differentiated_update)"
+            )
         model.cdim.load_state_dict(cdim_state_dict)
     return model
 
@@ -447,7 +468,9 @@ def dact_fit(
     x = _as_float_tensor(embeddings, "embeddings")
     cf = _as_float_tensor(cf_embeddings, "cf_embeddings")
     if cf.shape[0] != x.shape[0]:
-        raise ValueError(f"cf_embeddings has {cf.shape[0]} rows but embeddings has {x.shape[0]} (row i = item i)")
+        raise ValueError(
+            f"cf_embeddings has {cf.shape[0]} rows but embeddings has {x.shape[0]} (row i = item i)"
+        )
     epochs = c.epochs if epochs is None else epochs
     n = x.shape[0]
     steps_per_epoch = math.ceil(n / c.batch_size)

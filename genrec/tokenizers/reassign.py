@@ -19,8 +19,8 @@ Everything works on plain arrays so the rules are unit-testable without a traine
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Union
 
 import numpy as np
 import torch
@@ -29,7 +29,8 @@ from genrec.tokenizers.sid import SemanticIdTable, assign_suffixes
 
 REASSIGN_MODES = ("dact", "finetune", "frozen", "reformer")
 
-Coder = Union[Callable[[torch.Tensor], "torch.Tensor | np.ndarray"], torch.nn.Module]
+# A callable mapping (n, d) embeddings to (n, L) codes, or a module with ``get_codes`` (e.g. RQVAE).
+Coder = Callable[[torch.Tensor], torch.Tensor | np.ndarray] | torch.nn.Module
 
 
 @dataclass
@@ -54,12 +55,13 @@ def codes_from_coder(
     coder: Coder,
     embeddings: torch.Tensor | np.ndarray,
     batch_size: int = 4096,
+    num_levels: int = 0,
 ) -> np.ndarray:
     """(n, L) int64 codes for ``embeddings`` (n, d).
 
     ``coder`` is a callable returning codes for a batch of embeddings, or a module with a
     ``get_codes(x)`` method (e.g. ``RQVAE``); modules are run in eval mode without gradients and put
-    back in their previous mode afterwards.
+    back in their previous mode afterwards. ``num_levels`` only shapes the result of an empty input.
     """
     x = torch.as_tensor(np.asarray(embeddings) if not torch.is_tensor(embeddings) else embeddings)
     x = x.float()
@@ -82,7 +84,7 @@ def codes_from_coder(
         if module is not None:
             module.train(was_training)
     if not out:
-        return np.zeros((0, 0), dtype=np.int64)
+        return np.zeros((0, num_levels), dtype=np.int64)
     return np.concatenate(out, axis=0)
 
 
@@ -172,10 +174,14 @@ def reassign(
         fresh = np.zeros((len(items), L), dtype=np.int64)
         if is_new.any():
             idx = np.flatnonzero(is_new)
-            fresh[is_new] = codes_from_coder(coder, embeddings[torch.as_tensor(idx)] if torch.is_tensor(
-                embeddings) else np.asarray(embeddings)[idx], batch_size)
+            rows = (
+                embeddings[torch.as_tensor(idx)]
+                if torch.is_tensor(embeddings)
+                else np.asarray(embeddings)[idx]
+            )
+            fresh[is_new] = codes_from_coder(coder, rows, batch_size, L)
     else:
-        fresh = codes_from_coder(coder, embeddings, batch_size)
+        fresh = codes_from_coder(coder, embeddings, batch_size, L)
     if fresh.shape != (len(items), L):
         raise ValueError(f"coder returned codes of shape {fresh.shape}, expected ({len(items)}, {L})")
     return reassign_codes(old_table, items, fresh, mode)

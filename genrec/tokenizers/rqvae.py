@@ -14,6 +14,7 @@ per-level squared distances in ``RQOutput.distances`` (soft assignment p(k|r) = 
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass, field
 
@@ -233,7 +234,7 @@ class ResidualQuantizer(nn.Module):
 def _mlp(dims: list[int], dropout: float) -> nn.Sequential:
     """Dropout → Linear per block, ReLU after every Linear except the last; Xavier-normal weights, zero bias."""
     layers: list[nn.Module] = []
-    for i, (a, b) in enumerate(zip(dims[:-1], dims[1:])):
+    for i, (a, b) in enumerate(itertools.pairwise(dims)):
         if dropout > 0:
             layers.append(nn.Dropout(dropout))
         lin = nn.Linear(a, b)
@@ -446,7 +447,7 @@ class RQVAE(nn.Module):
             if len(dead):
                 pick = torch.randint(residual.shape[0], (len(dead),), generator=generator).to(device)
                 vq.codebook.weight[dead] = residual[pick]
-            counts.append(int(len(dead)))
+            counts.append(len(dead))
             idx = vq.distances(residual).argmin(dim=1)
             residual = residual - vq.codebook.weight[idx]
         self.quantizer.usage.zero_()

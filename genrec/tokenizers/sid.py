@@ -201,7 +201,9 @@ class SemanticIdTable:
         keys = self._full_key(values.reshape(-1, self.sid_length))
         key_order, sorted_keys = self._key_index()
         pos = np.clip(np.searchsorted(sorted_keys, keys), 0, max(len(sorted_keys) - 1, 0))
-        valid = (sorted_keys[pos] == keys) & np.all((values.reshape(-1, self.sid_length) >= 0), axis=1)
+        flat = values.reshape(-1, self.sid_length)
+        in_range = np.all((flat >= 0) & (flat < np.asarray(self.level_sizes())[None, :]), axis=1)
+        valid = (sorted_keys[pos] == keys) & in_range
         out = np.where(valid, self.items[key_order[pos]], -1)
         return out.reshape(tokens.shape[:-1])
 

@@ -1,0 +1,35 @@
+"""Shared benchmark plumbing: the standard arguments, a flat JSON writer and a readable table."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+DEFAULT_DATA = str(Path(__file__).resolve().parents[2] / "shared" / "data" / "office_products_2018_d3")
+
+
+def parser(description: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--data", default=DEFAULT_DATA, help="dataset folder in the canonical layout")
+    p.add_argument("--out", default=None, help="JSON file to write (flat keys)")
+    p.add_argument("--full", action="store_true", help="paper-scale settings (slow on CPU)")
+    p.add_argument("--seed", type=int, default=0)
+    return p
+
+
+def report(results: dict, out: str | None, title: str) -> None:
+    width = max(len(k) for k in results) + 2
+    print(f"\n{title}\n" + "-" * (width + 16))
+    for k, v in results.items():
+        shown = f"{v:.4f}" if isinstance(v, float) else str(v)
+        print(f"{k:<{width}}{shown:>16}")
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps(results, indent=1))
+        print(f"→ {out}")

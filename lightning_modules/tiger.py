@@ -1,0 +1,243 @@
+"""TigerModule: thin Lightning wrapper around the TIGER T5, constrained beam search and ranking metrics."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+
+from genrec.decoding.beam_search import constrained_beam_search
+from genrec.decoding.trie import SidTrie
+from genrec.metrics import RankingMetrics
+from genrec.models.ffn_edit import FFNEdit
+from genrec.models.tiger import TigerConfig, build_tiger
+from genrec.tokenizers.sid import PAD_TOKEN, SemanticIdTable
+
+
+def item_token_matrix(table: SemanticIdTable, num_items: int) -> torch.Tensor:
+    """(num_items, L+1) token ids per item index; rows of items without a SID are 0 (padding)."""
+    out = np.zeros((num_items, table.sid_length), dtype=np.int64)
+    out[table.items] = table.tokens()
+    return torch.from_numpy(out)
+
+
+class TigerModule(L.LightningModule):
+    """TIGER recommender.
+
+    Args:
+        model: T5 architecture.
+        sid_table_path: Parquet SID table (from the RQ-VAE or residual k-means). None: build one at setup with residual
+            k-means over the datamodule's item text embeddings.
+        num_levels: Residual levels L of the SID table (fixes the vocabulary before the table is loaded).
+        codebook_size: Codes per level K.
+        suffix_size: Collision-suffix values.
+        lr: AdamW peak learning rate.
+        weight_decay: AdamW weight decay.
+        warmup_steps: Linear warm-up steps.
+        scheduler: ``cosine`` | ``linear`` decay after warm-up, or ``constant``.
+        grad_clip: Gradient-norm clip (applied by the module so configs need no trainer field).
+        num_beams: Beam width of evaluation decoding.
+        ks: Cut-offs of the ranking metrics.
+        constrained: Trie-constrained decoding (decision 4); False only as an explicit ablation.
+        rkmeans_iters: Lloyd iterations when the SID table is built at setup.
+    """
+
+    def __init__(
+        self,
+        model: TigerConfig | None = None,
+        sid_table_path: str | None = None,
+        num_levels: int = 3,
+        codebook_size: int = 256,
+        suffix_size: int = 256,
+        lr: float = 1e-3,
+        weight_decay: float = 0.01,
+        warmup_steps: int = 200,
+        scheduler: str = "cosine",
+        grad_clip: float = 1.0,
+        num_beams: int = 20,
+        ks: tuple[int, ...] = (5, 10, 20),
+        constrained: bool = True,
+        rkmeans_iters: int = 50,
+    ):
+        super().__init__()
+        if num_beams < max(ks):
+            raise ValueError(f"num_beams ({num_beams}) must be at least the largest metric cut-off max(ks) = {max(ks)}")
+        if isinstance(model, dict):
+            model = TigerConfig(**model)
+        self.cfg = model or TigerConfig()
+        # plain types only in hparams, so checkpoints load with torch.load(weights_only=True)
+        self.save_hyperparameters({"model": self.cfg.to_dict(), "sid_table_path": sid_table_path,
+                                   "num_levels": num_levels, "codebook_size": codebook_size,
+                                   "suffix_size": suffix_size, "lr": lr, "weight_decay": weight_decay,
+                                   "warmup_steps": warmup_steps, "scheduler": scheduler, "grad_clip": grad_clip,
+                                   "num_beams": num_beams, "ks": list(ks), "constrained": constrained,
+                                   "rkmeans_iters": rkmeans_iters})
+        self.vocab_size = 1 + num_levels * codebook_size + suffix_size
+        self.t5 = build_tiger(self.cfg, self.vocab_size)
+        self.sid_table: SemanticIdTable | None = None
+        self.trie: SidTrie | None = None
+        self.edit: FFNEdit | None = None  # set by the GenRecEdit callback
+        self.register_buffer("item_tokens", torch.zeros(0, num_levels + 1, dtype=torch.long), persistent=False)
+        self.ks = tuple(ks)
+        self.val_metrics = RankingMetrics(ks=self.ks, sid_length=num_levels + 1)
+        self.test_metrics = RankingMetrics(ks=self.ks, sid_length=num_levels + 1)
+        self.predictions: list[dict] = []
+
+    # ------------------------------------------------------------------ SIDs
+    def set_sid_table(self, table: SemanticIdTable, catalogue: np.ndarray | None = None, num_items: int | None = None):
+        hp = self.hparams
+        if (table.num_levels, table.codebook_size, table.suffix_size) != (hp.num_levels, hp.codebook_size,
+                                                                           hp.suffix_size):
+            raise ValueError(
+                f"SID table layout (L={table.num_levels}, K={table.codebook_size}, S={table.suffix_size}) does not "
+                f"match the model's (L={hp.num_levels}, K={hp.codebook_size}, S={hp.suffix_size})"
+            )
+        self.sid_table = table
+        n = max(int(table.items.max()) + 1, num_items or 0)
+        self.item_tokens = item_token_matrix(table, n).to(self.device)
+        valid = table if catalogue is None else _restrict(table, catalogue)
+        self.trie = SidTrie.from_table(valid, device=self.device)
+
+    def setup(self, stage: str) -> None:
+        dm = getattr(self.trainer, "datamodule", None)
+        catalogue = dm.catalogue() if dm is not None and hasattr(dm, "catalogue") else None
+        num_items = dm.num_items if dm is not None and hasattr(dm, "num_items") else None
+        if self.sid_table is None:
+            if self.hparams.sid_table_path:
+                table = SemanticIdTable.load(self.hparams.sid_table_path)
+            elif dm is not None and hasattr(dm, "load"):
+                table = build_sid_table_rkmeans(dm.load(), self.hparams)
+            else:
+                raise ValueError("TigerModule needs sid_table_path or a SequenceDataModule to build SIDs from")
+            self.set_sid_table(table, catalogue, num_items)
+        elif catalogue is not None:
+            self.set_sid_table(self.sid_table, catalogue, num_items)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        t = self.sid_table
+        checkpoint["sid_table"] = {"items": torch.from_numpy(t.items), "codes": torch.from_numpy(t.codes),
+                                   "suffix": torch.from_numpy(t.suffix),
+                                   "codebook_size": t.codebook_size, "suffix_size": t.suffix_size,
+                                   "hash": t.content_hash()}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        s = checkpoint.get("sid_table")
+        if s is not None:
+            table = SemanticIdTable(s["items"].numpy(), s["codes"].numpy(), s["suffix"].numpy(),
+                                    int(s["codebook_size"]), int(s["suffix_size"]))
+            if table.content_hash() != s["hash"]:
+                raise ValueError("checkpoint SID table hash mismatch")
+            self.set_sid_table(table)
+
+    # ------------------------------------------------------------------ encoding
+    def encode(self, history: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Left-padded item histories (B, N; -1 = pad) → encoder tokens, on the device, no host round trip."""
+        hist = history[:, -self.cfg.max_history_items:]
+        tok = self.item_tokens[hist.clamp(min=0)] * (hist >= 0).unsqueeze(-1)
+        if torch.any((hist >= 0) & (self.item_tokens[hist.clamp(min=0), 0] == PAD_TOKEN)):
+            raise KeyError("a history item has no semantic ID in the model's SID table")
+        input_ids = tok.reshape(tok.shape[0], -1)
+        return input_ids, (input_ids != PAD_TOKEN).long()
+
+    def targets(self, target: torch.Tensor) -> torch.Tensor:
+        return self.item_tokens[target]
+
+    # ------------------------------------------------------------------ training
+    def forward(self, history: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        input_ids, mask = self.encode(history)
+        return self.t5(input_ids=input_ids, attention_mask=mask, labels=self.targets(target)).loss
+
+    def training_step(self, batch, batch_idx):
+        loss = self(batch["history"], batch["target"])
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["target"]))
+        return loss
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+        self.clip_gradients(optimizer, gradient_clip_val or self.hparams.grad_clip, gradient_clip_algorithm or "norm")
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        opt = torch.optim.AdamW(self.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
+        total = max(int(self.trainer.estimated_stepping_batches), 1)
+
+        def factor(step: int) -> float:
+            if step < hp.warmup_steps:
+                return (step + 1) / hp.warmup_steps
+            if hp.scheduler == "constant":
+                return 1.0
+            progress = min((step - hp.warmup_steps) / max(total - hp.warmup_steps, 1), 1.0)
+            return 0.5 * (1 + math.cos(math.pi * progress)) if hp.scheduler == "cosine" else 1 - progress
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    # ------------------------------------------------------------------ evaluation
+    def recommend(self, history: torch.Tensor, top_k: int | None = None, edit: FFNEdit | None = None):
+        input_ids, mask = self.encode(history)
+        return constrained_beam_search(
+            self.t5, input_ids, mask, self.trie, num_beams=self.hparams.num_beams,
+            top_k=top_k or max(self.ks), edit=edit if edit is not None else self.edit,
+            unconstrained=not self.hparams.constrained, return_tokens=True,
+        )
+
+    def _eval_step(self, batch, metrics: RankingMetrics):
+        items, scores, tokens = self.recommend(batch["history"])
+        metrics.update(items, tokens, batch["target"], self.targets(batch["target"]), batch["subsets"],
+                       instance_ids=batch["index"])
+
+    def validation_step(self, batch, batch_idx):
+        self.log("val/loss", self(batch["history"], batch["target"]), batch_size=len(batch["target"]))
+        self._eval_step(batch, self.val_metrics)
+
+    def test_step(self, batch, batch_idx):
+        self._eval_step(batch, self.test_metrics)
+
+    def _log_metrics(self, metrics: RankingMetrics, prefix: str) -> dict:
+        values = {f"{prefix}/{k}": v for k, v in metrics.compute().items()}
+        self.log_dict(values, sync_dist=False)  # states are already reduced across ranks by torchmetrics
+        metrics.reset()
+        return values
+
+    def on_validation_epoch_end(self):
+        self._log_metrics(self.val_metrics, "val")
+
+    def on_test_epoch_end(self):
+        values = self._log_metrics(self.test_metrics, "test")
+        write_metrics_json(self.trainer, {k: float(v) for k, v in values.items()})
+
+    def predict_step(self, batch, batch_idx):
+        items, scores, _ = self.recommend(batch["history"])
+        return {"user": batch["user"].cpu(), "items": items.cpu(), "scores": scores.cpu()}
+
+
+def _restrict(table: SemanticIdTable, items: np.ndarray) -> SemanticIdTable:
+    keep = np.isin(table.items, items)
+    return SemanticIdTable(table.items[keep], table.codes[keep], table.suffix[keep], table.codebook_size,
+                           table.suffix_size)
+
+
+def build_sid_table_rkmeans(ds, hp) -> SemanticIdTable:
+    """SIDs for every item from residual k-means over its text embedding (the training-free tokenizer)."""
+    from genrec.data.pipeline import item_embeddings
+    from genrec.tokenizers.rkmeans import ResidualKMeans
+
+    emb = item_embeddings(ds, show_progress=False)
+    k = min(hp.codebook_size, len(emb))
+    codes = ResidualKMeans(hp.num_levels, k, iters=hp.rkmeans_iters, seed=ds.config.seed).fit_encode(emb)
+    return SemanticIdTable.from_codes(np.arange(len(emb)), codes, hp.codebook_size, hp.suffix_size)
+
+
+def write_metrics_json(trainer, values: dict) -> None:
+    """Every stage writes metrics.json with the logged keys (rank 0, in the logger's or default root dir)."""
+    if trainer is None or not trainer.is_global_zero:
+        return
+    root = Path(trainer.log_dir or trainer.default_root_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    path = root / "metrics.json"
+    old = json.loads(path.read_text()) if path.exists() else {}
+    old.update(values)
+    path.write_text(json.dumps(old, indent=1, sort_keys=True))

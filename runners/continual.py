@@ -1,0 +1,433 @@
+"""`genrec continual`: the continual-period loop (DESIGN.md "The continual loop").
+
+For period t = 0..T: CF embeddings (SASRec, fine-tuned per period) → tokenizer (t = 0: RQ-VAE; t > 0:
+dact | finetune | frozen | reformer) → SID reassignment (+ trie) → recommender (t = 0: TIGER; t > 0:
+finetune | retrain | frozen) → hooks (e.g. GenRecEdit) → evaluation on period t's test instances
+(overall / warm / cold / new) → period folder (SID table, tokenizer, checkpoints, metrics.json, sid_diff.json).
+
+Resumable: each finished period writes ``period_<t>/DONE`` last; re-running the same command continues after
+the last finished period. Every period re-seeds with ``seed + t``, so a resumed run equals an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+
+from genrec.data.config import DataConfig
+from genrec.data.pipeline import PreparedDataset, item_embeddings
+from genrec.editing import EditConfig
+from genrec.models.sasrec import SASRecConfig
+from genrec.models.tiger import TigerConfig
+from genrec.tokenizers.dact import DACTConfig
+from genrec.tokenizers.reassign import reassign
+from genrec.tokenizers.rqvae import RQVAE, RQVAEConfig, build_sid_table
+from genrec.tokenizers.sid import SemanticIdTable
+
+TOKENIZER_METHODS = ("dact", "finetune", "frozen", "reformer")
+RECOMMENDER_METHODS = ("finetune", "retrain", "frozen")
+# The DACT paper's table rows as (tokenizer, recommender).
+METHODS = {
+    "frozen": ("frozen", "frozen"),
+    "ft_tok": ("finetune", "frozen"),
+    "ft_grm": ("frozen", "finetune"),
+    "ft_both": ("finetune", "finetune"),
+    "ft_tok_rt_grm": ("finetune", "retrain"),
+    "reformer": ("reformer", "finetune"),
+    "dact": ("dact", "finetune"),
+}
+
+
+@dataclass
+class StageConfig:
+    """Epochs and optimiser settings of one training stage (period 0 and later periods differ)."""
+
+    epochs: int = 10
+    lr: float = 1e-3
+    batch_size: int = 256
+
+
+@dataclass
+class ContinualConfig:
+    """The continual run.
+
+    Args:
+        run_dir: Output folder (one sub-folder per period); re-running resumes.
+        method: Shortcut for (tokenizer, recommender) as in the DACT paper's rows: frozen, ft_tok, ft_grm, ft_both,
+            ft_tok_rt_grm, reformer, dact. Overrides ``tokenizer`` / ``recommender`` when set.
+        tokenizer: Tokenizer update for t > 0: dact | finetune | frozen | reformer (codes for new items only).
+        recommender: Recommender update for t > 0: finetune | retrain | frozen.
+        last_period: Stop after this period (default: the last one).
+        use_cf: Train SASRec per period and feed its item embeddings to the tokenizer's CF regulariser and DACT.
+        edit: Run GenRecEdit after each period's recommender update on the next period's new items (decision 6:
+            edits are evaluated on period t+1's test instances and removed before the next period's training).
+        edit_config: GenRecEdit settings used when ``edit`` is on.
+        seed: One seed for everything (period t uses seed + t).
+        logger: wandb (offline unless WANDB_MODE says otherwise) | csv | none.
+        wandb_project: W&B project; runs are grouped by dataset and named <method>-seed<seed>.
+    """
+
+    run_dir: str = "runs/continual"
+    method: str | None = "dact"
+    tokenizer: Literal["dact", "finetune", "frozen", "reformer"] = "dact"
+    recommender: Literal["finetune", "retrain", "frozen"] = "finetune"
+    last_period: int | None = None
+    use_cf: bool = True
+    edit: bool = False
+    edit_config: EditConfig = field(default_factory=EditConfig)
+    seed: int = 0
+    accelerator: str = "auto"
+    logger: Literal["wandb", "csv", "none"] = "wandb"
+    wandb_project: str = "genrec"
+    rqvae: RQVAEConfig = field(default_factory=RQVAEConfig)
+    rqvae_stage: StageConfig = field(default_factory=lambda: StageConfig(epochs=200, lr=1e-3, batch_size=1024))
+    rqvae_warmup_epochs: int = 10
+    finetune_tokenizer_stage: StageConfig = field(default_factory=lambda: StageConfig(epochs=50, lr=1e-4,
+                                                                                      batch_size=1024))
+    dact: DACTConfig = field(default_factory=DACTConfig)
+    sasrec: SASRecConfig = field(default_factory=lambda: SASRecConfig(hidden=32))
+    sasrec_stage: StageConfig = field(default_factory=lambda: StageConfig(epochs=30, lr=1e-3, batch_size=256))
+    sasrec_finetune_stage: StageConfig = field(default_factory=lambda: StageConfig(epochs=10, lr=1e-3))
+    tiger: TigerConfig = field(default_factory=TigerConfig)
+    tiger_stage: StageConfig = field(default_factory=lambda: StageConfig(epochs=60, lr=1e-3, batch_size=256))
+    tiger_finetune_stage: StageConfig = field(default_factory=lambda: StageConfig(epochs=20, lr=3e-4,
+                                                                                  batch_size=256))
+    tiger_warmup_steps: int = 200
+    num_beams: int = 20
+    ks: list[int] = field(default_factory=lambda: [5, 10, 20])
+    suffix_size: int = 256
+
+    def resolved(self) -> tuple[str, str]:
+        if self.method:
+            if self.method not in METHODS:
+                raise ValueError(f"continual.method must be one of {list(METHODS)}, got {self.method!r}")
+            return METHODS[self.method]
+        if self.tokenizer not in TOKENIZER_METHODS or self.recommender not in RECOMMENDER_METHODS:
+            raise ValueError(f"unknown tokenizer/recommender method {self.tokenizer!r}/{self.recommender!r}")
+        return self.tokenizer, self.recommender
+
+    @property
+    def name(self) -> str:
+        tok, rec = self.resolved()
+        return self.method or f"{tok}+{rec}"
+
+
+# Hooks called after the recommender update of period t: fn(runner, period, tiger_module) -> metrics dict.
+PeriodHook = Callable[["ContinualRunner", int, object], dict]
+
+
+class ContinualRunner:
+    def __init__(self, data: DataConfig, cfg: ContinualConfig, hooks: list[PeriodHook] | None = None):
+        self.data, self.cfg = data, cfg
+        self.tok_method, self.rec_method = cfg.resolved()
+        self.run_dir = Path(cfg.run_dir)
+        self.hooks = list(hooks or [])
+        if cfg.edit:
+            from callbacks.genrecedit import continual_hook
+
+            self.hooks.append(continual_hook(cfg.edit_config))
+        self.dataset: PreparedDataset | None = None
+        self.embeddings: np.ndarray | None = None
+        # state carried from period to period
+        self.rqvae: RQVAE | None = None
+        self.dact_cdim: dict | None = None
+        self.sid_table: SemanticIdTable | None = None
+        self.tiger_state: dict | None = None
+        self.sasrec_state: dict | None = None
+        self.results: dict[int, dict] = {}
+        self._logger = None
+
+    # ------------------------------------------------------------------ helpers
+    def log(self, msg: str) -> None:
+        print(f"[continual {self.cfg.name}] {msg}", flush=True)
+
+    def period_dir(self, t: int) -> Path:
+        return self.run_dir / f"period_{t}"
+
+    def trainer(self, epochs: int, t: int, stage: str, **kw):
+        import lightning as L
+
+        return L.Trainer(
+            max_epochs=epochs, accelerator=self.cfg.accelerator, devices=1, logger=False,
+            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+            num_sanity_val_steps=0, deterministic=True, default_root_dir=str(self.period_dir(t) / stage), **kw,
+        )
+
+    def seed(self, t: int) -> None:
+        import lightning as L
+
+        L.seed_everything(self.cfg.seed + t, workers=True, verbose=False)
+
+    def sequence_dm(self, train_periods, eval_period, seen_periods, batch_size):
+        from datamodules.sequences import SequenceDataModule
+
+        dm = SequenceDataModule(self.data, train_periods=train_periods, eval_period=eval_period,
+                                seen_periods=seen_periods, batch_size=batch_size, eval_batch_size=256)
+        dm.dataset = self.dataset
+        return dm
+
+    # ------------------------------------------------------------------ stages
+    def stage_cf(self, t: int) -> np.ndarray | None:
+        if not self.cfg.use_cf:
+            return None
+        from lightning_modules.sasrec import SASRecModule
+
+        stage = self.cfg.sasrec_stage if t == 0 else self.cfg.sasrec_finetune_stage
+        # the item table covers the whole catalogue from the start, so later periods fine-tune the same shape
+        sas_cfg = dataclasses.replace(self.cfg.sasrec, num_items=self.dataset.num_items)
+        module = SASRecModule(sas_cfg, lr=stage.lr, ks=tuple(self.cfg.ks))
+        if self.sasrec_state is not None:
+            module.load_state_dict(self.sasrec_state)
+        dm = self.sequence_dm([t], t, list(range(t + 1)), stage.batch_size)
+        self.trainer(stage.epochs, t, "sasrec").fit(module, datamodule=dm)
+        self.sasrec_state = {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+        return module.item_embeddings()
+
+    def stage_tokenizer(self, t: int, cf: np.ndarray | None) -> tuple[SemanticIdTable, dict]:
+        from datamodules.item_embeddings import ItemEmbeddingDataModule
+
+        items = self.dataset.catalogue_until(t)
+        x = self.embeddings[items]
+        cf_rows = None if cf is None else cf[items]
+        rq_cfg = dataclasses.replace(self.cfg.rqvae, input_dim=x.shape[1],
+                                     cf_dim=None if cf is None else cf.shape[1],
+                                     cf_weight=self.cfg.rqvae.cf_weight if cf is not None else 0.0)
+        if t == 0 or self.rqvae is None:
+            from lightning_modules.rqvae import RQVAEModule
+
+            st = self.cfg.rqvae_stage
+            module = RQVAEModule(rq_cfg, lr=st.lr, warmup_epochs=self.cfg.rqvae_warmup_epochs,
+                                 suffix_size=self.cfg.suffix_size)
+            dm = ItemEmbeddingDataModule.from_arrays(x, cf_rows, batch_size=st.batch_size)
+            self.trainer(st.epochs, t, "rqvae").fit(module, datamodule=dm)
+            self.rqvae = module.model.eval()
+            codes = self.rqvae.get_codes(torch.from_numpy(x))
+            table = build_sid_table(codes, items, rq_cfg.codebook_size, self.cfg.suffix_size)
+            return table, {}
+        previous = self.rqvae
+        method = self.tok_method
+        if method == "frozen":
+            res = reassign(self.sid_table, items, x, previous, mode="frozen")
+            return res.table, res.stats
+        if method == "dact":
+            from lightning_modules.dact import DACTModule
+
+            dcfg = self.cfg.dact
+            module = DACTModule.from_model(previous, dcfg, cdim_state_dict=self.dact_cdim)
+            dm = ItemEmbeddingDataModule.from_arrays(x, cf_rows if cf_rows is not None else np.zeros((len(x), 1),
+                                                                                                     np.float32),
+                                                     batch_size=dcfg.batch_size)
+            self.trainer(self.cfg.finetune_tokenizer_stage.epochs, t, "dact").fit(module, datamodule=dm)
+            current = module.tokenizer.eval()
+            if module.model.cdim is not None:
+                self.dact_cdim = {k: v.detach().cpu().clone() for k, v in module.model.cdim.state_dict().items()}
+            from genrec.tokenizers.dact import reassign_mode
+
+            res = reassign(self.sid_table, items, x, current, mode=reassign_mode(dcfg))
+        else:  # finetune / reformer: plain fine-tuning of the previous tokenizer
+            from lightning_modules.rqvae import RQVAEModule
+
+            st = self.cfg.finetune_tokenizer_stage
+            module = RQVAEModule(rq_cfg, lr=st.lr, warmup_epochs=0, lr_schedule="constant",
+                                 suffix_size=self.cfg.suffix_size)
+            module.model.load_state_dict(previous.state_dict())
+            dm = ItemEmbeddingDataModule.from_arrays(x, cf_rows, batch_size=st.batch_size)
+            self.trainer(st.epochs, t, "tokenizer").fit(module, datamodule=dm)
+            current = module.model.eval()
+            res = reassign(self.sid_table, items, x, current, mode=method)
+        self.rqvae = current
+        return res.table, res.stats
+
+    def stage_recommender(self, t: int, table: SemanticIdTable):
+        from lightning_modules.tiger import TigerModule
+
+        c = self.cfg
+        first = t == 0 or self.tiger_state is None
+        method = "retrain" if first else self.rec_method
+        stage = c.tiger_stage if method == "retrain" else c.tiger_finetune_stage
+        train_periods = list(range(t + 1)) if method == "retrain" else [t]
+        seen = list(range(t + 1)) if method != "frozen" else self._seen_periods
+        if method != "frozen":
+            self._seen_periods = list(range(t + 1))
+        module = TigerModule(c.tiger, num_levels=c.rqvae.num_levels, codebook_size=c.rqvae.codebook_size,
+                             suffix_size=c.suffix_size, lr=stage.lr, warmup_steps=c.tiger_warmup_steps if first else 0,
+                             num_beams=c.num_beams, ks=tuple(c.ks))
+        dm = self.sequence_dm(train_periods, t, seen, stage.batch_size)
+        if method in ("finetune", "frozen"):
+            module.load_state_dict(self.tiger_state, strict=False)
+        module.set_sid_table(table, dm.catalogue(), self.dataset.num_items)
+        if method != "frozen":
+            trainer = self.trainer(stage.epochs, t, "tiger", check_val_every_n_epoch=max(stage.epochs, 1))
+            trainer.fit(module, datamodule=dm)
+        self.tiger_state = {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+        return module, dm
+
+    def evaluate(self, t: int, module, dm) -> dict:
+        trainer = self.trainer(1, t, "eval")
+        res = trainer.test(module, datamodule=dm, verbose=False)[0]
+        return {k: float(v) for k, v in res.items() if k.startswith("test/")}
+
+    # ------------------------------------------------------------------ persistence
+    def save_period(self, t: int, table: SemanticIdTable, metrics: dict, diff: dict, timings: dict) -> None:
+        d = self.period_dir(t)
+        d.mkdir(parents=True, exist_ok=True)
+        table.save(d / "sid_table.parquet")
+        state = {"rqvae": self.rqvae.state_dict(), "rqvae_config": dataclasses.asdict(self.rqvae.config),
+                 "tiger": self.tiger_state, "sasrec": self.sasrec_state, "dact_cdim": self.dact_cdim,
+                 "seen_periods": self._seen_periods}
+        tmp = d / "state.pt.tmp"
+        torch.save(state, tmp)
+        os.replace(tmp, d / "state.pt")
+        (d / "metrics.json").write_text(json.dumps(metrics, indent=1, sort_keys=True))
+        (d / "sid_diff.json").write_text(json.dumps(diff, indent=1, sort_keys=True))
+        (d / "timings.json").write_text(json.dumps(timings, indent=1))
+        (d / "DONE").write_text(time.strftime("%Y-%m-%d %H:%M:%S"))
+
+    def load_period(self, t: int) -> dict:
+        d = self.period_dir(t)
+        state = torch.load(d / "state.pt", weights_only=True)
+        cfg = dict(state["rqvae_config"])
+        cfg["hidden_dims"] = tuple(cfg["hidden_dims"])
+        self.rqvae = RQVAE(RQVAEConfig(**cfg))
+        self.rqvae.load_state_dict(state["rqvae"])
+        self.rqvae.eval()
+        self.tiger_state, self.sasrec_state, self.dact_cdim = state["tiger"], state["sasrec"], state["dact_cdim"]
+        self._seen_periods = list(state["seen_periods"])
+        self.sid_table = SemanticIdTable.load(d / "sid_table.parquet")
+        return json.loads((d / "metrics.json").read_text())
+
+    # ------------------------------------------------------------------ main loop
+    def setup(self) -> None:
+        from datamodules.sequences import load_or_prepare
+
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.dataset = load_or_prepare(self.data, str(self.run_dir / "prepared"))
+        if self.data.protocol != "periods":
+            raise ValueError("genrec continual needs data.protocol = periods")
+        self.embeddings = item_embeddings(self.dataset, show_progress=True)
+        self._seen_periods = [0]
+
+    def run(self) -> dict[int, dict]:
+        self.setup()
+        last = self.dataset.num_periods - 1 if self.cfg.last_period is None else self.cfg.last_period
+        start = 0
+        for t in range(last + 1):
+            if (self.period_dir(t) / "DONE").exists():
+                self.results[t] = self.load_period(t)
+                start = t + 1
+            else:
+                break
+        if start:
+            self.log(f"resuming after period {start - 1} (found {self.period_dir(start - 1) / 'DONE'})")
+        for t in range(start, last + 1):
+            self.seed(t)
+            timings: dict[str, float] = {}
+            t0 = time.perf_counter()
+            cf = self.stage_cf(t)
+            timings["cf"] = time.perf_counter() - t0
+            self.log(f"period {t}: CF embeddings {'skipped' if cf is None else 'ready'} ({timings['cf']:.1f}s)")
+            t0 = time.perf_counter()
+            table, reassign_stats = self.stage_tokenizer(t, cf)
+            diff = self.sid_table.diff(table) if self.sid_table is not None else {}
+            diff.update({f"reassign/{k}": v for k, v in reassign_stats.items() if k not in diff})
+            self.sid_table = table
+            timings["tokenizer"] = time.perf_counter() - t0
+            self.log(f"period {t}: tokenizer ({'rqvae' if t == 0 else self.tok_method}) "
+                     f"{timings['tokenizer']:.1f}s; code change {diff.get('overall', 0.0):.3f}")
+            t0 = time.perf_counter()
+            module, dm = self.stage_recommender(t, table)
+            timings["recommender"] = time.perf_counter() - t0
+            self.log(f"period {t}: recommender ({'train' if t == 0 else self.rec_method}) "
+                     f"{timings['recommender']:.1f}s")
+            metrics: dict[str, float] = {}
+            for hook in self.hooks:
+                metrics.update(hook(self, t, module) or {})
+            t0 = time.perf_counter()
+            metrics.update(self.evaluate(t, module, dm))
+            timings["evaluate"] = time.perf_counter() - t0
+            for k, v in diff.items():
+                metrics[f"code_change/{k}"] = float(v)
+            metrics.update({f"seconds/{k}": v for k, v in timings.items()})
+            self.save_period(t, table, metrics, diff, timings)
+            self.results[t] = metrics
+            self.log(f"period {t}: test recall@10 {metrics.get('test/recall@10/overall', float('nan')):.4f} "
+                     f"(warm {metrics.get('test/recall@10/warm', float('nan')):.4f}, "
+                     f"cold {metrics.get('test/recall@10/cold', float('nan')):.4f})")
+            self.log_period(t, metrics)
+        self.finish()
+        return self.results
+
+    # ------------------------------------------------------------------ logging
+    def log_period(self, t: int, metrics: dict) -> None:
+        logger = self.logger()
+        if logger is not None:
+            logger.log_metrics({**metrics, "period": t}, step=t)
+
+    def logger(self):
+        if self._logger is None and self.cfg.logger != "none":
+            from lightning.pytorch.loggers import CSVLogger, WandbLogger
+
+            name = f"{self.cfg.name}-seed{self.cfg.seed}"
+            if self.cfg.logger == "wandb":
+                self._logger = WandbLogger(project=self.cfg.wandb_project, group=self.data.name, name=name,
+                                           save_dir=str(self.run_dir), offline=os.environ.get("WANDB_MODE") != "online",
+                                           config={"data": dataclasses.asdict(self.data), "continual": _jsonable(
+                                               dataclasses.asdict(self.cfg))})
+            else:
+                self._logger = CSVLogger(str(self.run_dir), name="logs", version=name)
+        return self._logger
+
+    def finish(self) -> None:
+        table = summary_rows(self.results)
+        (self.run_dir / "summary.json").write_text(json.dumps(table, indent=1))
+        logger = self.logger()
+        if logger is not None and self.cfg.logger == "wandb" and table:
+            cols = sorted({k for r in table for k in r})
+            logger.log_table("periods", columns=cols, data=[[r.get(c) for c in cols] for r in table])
+        if logger is not None:
+            logger.finalize("success")
+        print(format_summary(table, self.cfg.name))
+
+
+def _jsonable(d):
+    return json.loads(json.dumps(d, default=str))
+
+
+def summary_rows(results: dict[int, dict]) -> list[dict]:
+    return [{"period": t, **m} for t, m in sorted(results.items())]
+
+
+def format_summary(rows: list[dict], name: str) -> str:
+    keys = ["test/hr@5/overall", "test/hr@10/overall", "test/ndcg@5/overall", "test/ndcg@10/overall",
+            "test/recall@10/cold", "code_change/level1", "code_change/overall"]
+    keys = [k for k in keys if any(k in r for r in rows)]
+    lines = [f"{name}: per-period results", "period " + " ".join(f"{k.split('/', 1)[1]:>20}" for k in keys)]
+    for r in rows:
+        lines.append(f"{r['period']:>6} " + " ".join(f"{r.get(k, float('nan')):>20.4f}" for k in keys))
+    return "\n".join(lines)
+
+
+def parser():
+    from jsonargparse import ActionConfigFile, ArgumentParser
+
+    p = ArgumentParser(prog="genrec continual", description=__doc__, default_env=False)
+    p.add_argument("--config", action=ActionConfigFile)
+    p.add_class_arguments(DataConfig, "data", help="Data source (periods protocol)")
+    p.add_class_arguments(ContinualConfig, "continual", help="Continual run settings")
+    return p
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = parser()
+    cfg = p.parse_args(argv)
+    init = p.instantiate_classes(cfg)
+    return ContinualRunner(init.data, init.continual).run()

@@ -1,0 +1,66 @@
+import json
+import shutil
+
+import pytest
+
+from genrec.data.config import DataConfig
+from genrec.data.synthetic import SyntheticConfig
+from genrec.models.sasrec import SASRecConfig
+from genrec.models.tiger import TigerConfig
+from genrec.tokenizers.dact import DACTConfig
+from genrec.tokenizers.rqvae import RQVAEConfig
+from runners.continual import METHODS, ContinualConfig, ContinualRunner, StageConfig
+
+
+def tiny(run_dir, method="dact", last_period=2) -> tuple[DataConfig, ContinualConfig]:
+    data = DataConfig(synthetic=SyntheticConfig(num_users=120, num_items=70), period_fractions=[0.6, 0.2, 0.2],
+                      cache_dir=str(run_dir.parent / "cache"))
+    cfg = ContinualConfig(
+        run_dir=str(run_dir), method=method, last_period=last_period, logger="csv", accelerator="cpu",
+        rqvae=RQVAEConfig(hidden_dims=(32,), latent_dim=8, num_levels=2, codebook_size=8, kmeans_iters=5),
+        rqvae_stage=StageConfig(epochs=2, lr=1e-3, batch_size=64), rqvae_warmup_epochs=1,
+        finetune_tokenizer_stage=StageConfig(epochs=1, lr=1e-4, batch_size=64),
+        dact=DACTConfig(batch_size=64, warmup_epochs=0),
+        sasrec=SASRecConfig(hidden=8, num_layers=1), sasrec_stage=StageConfig(epochs=1, batch_size=64),
+        sasrec_finetune_stage=StageConfig(epochs=1, batch_size=64),
+        tiger=TigerConfig(num_encoder_layers=1, num_decoder_layers=1, d_model=16, num_heads=2, d_kv=8, d_ff=32),
+        tiger_stage=StageConfig(epochs=1, lr=3e-3, batch_size=64),
+        tiger_finetune_stage=StageConfig(epochs=1, lr=1e-3, batch_size=64), tiger_warmup_steps=2,
+        num_beams=8, ks=[5, 8], suffix_size=32,
+    )
+    return data, cfg
+
+
+def test_resume_after_crash_equals_uninterrupted_run(tmp_path):
+    data, cfg = tiny(tmp_path / "full")
+    full = ContinualRunner(data, cfg).run()
+    assert sorted(full) == [0, 1, 2]
+    for t in range(3):
+        folder = tmp_path / "full" / f"period_{t}"
+        for name in ("sid_table.parquet", "state.pt", "metrics.json", "sid_diff.json", "DONE"):
+            assert (folder / name).exists()
+    assert "test/recall@5/cold" in full[2] and "code_change/level1" in full[1]
+    # a run that "crashed" after period 1: remove period 2's folder, then re-run the same command
+    shutil.copytree(tmp_path / "full", tmp_path / "crashed")
+    shutil.rmtree(tmp_path / "crashed" / "period_2")
+    data2, cfg2 = tiny(tmp_path / "crashed")
+    resumed = ContinualRunner(data2, cfg2).run()
+    for key, value in full[2].items():
+        if not key.startswith("seconds/"):
+            assert resumed[2][key] == pytest.approx(value, abs=1e-6), key
+    summary = json.loads((tmp_path / "crashed" / "summary.json").read_text())
+    assert [row["period"] for row in summary] == [0, 1, 2]
+
+
+@pytest.mark.parametrize("method", ["frozen", "reformer"])
+def test_frozen_and_reformer_keep_old_codes(tmp_path, method):
+    data, cfg = tiny(tmp_path / method, method=method, last_period=1)
+    cfg.use_cf = False
+    res = ContinualRunner(data, cfg).run()
+    assert res[1]["code_change/overall"] == 0.0
+    assert METHODS[method][0] == method
+
+
+def test_unknown_method_is_a_clear_error():
+    with pytest.raises(ValueError, match="continual.method must be one of"):
+        ContinualConfig(method="nope").resolved()

@@ -1,0 +1,214 @@
+"""GenRecEdit in the Lightning layer: callback, removal, checkpoints, SID-table checks, continual hook."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+
+from callbacks.genrecedit import GenRecEditCallback, continual_hook, load_edits, module_history_encoder
+from datamodules.sequences import SequenceDataModule
+from genrec.data.config import DataConfig
+from genrec.data.pipeline import item_embeddings
+from genrec.data.splits import TRAIN
+from genrec.data.synthetic import SyntheticConfig
+from genrec.editing import EditConfig, GenRecEditor, PositionEdits, SidTableMismatchError, score_with_edit
+from genrec.editing.keys import ffn_out_proj
+from genrec.models.tiger import TigerConfig
+from genrec.tokenizers.sid import SemanticIdTable
+from lightning_modules.tiger import TigerModule, _restrict
+
+TINY = TigerConfig(num_encoder_layers=1, num_decoder_layers=1, d_model=16, num_heads=2, d_kv=8, d_ff=32)
+# Small λ: the tiny model has few preserved keys; fixed layer 0 (one decoder layer) skips the probe's cost.
+FAST = EditConfig(cov_lambda=10.0, histories_per_item=3, num_neighbours=3, probe_max_per_class=50,
+                  layer_mode="fixed", fixed_layers=[0, 0, 0])
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def data_config(root) -> DataConfig:
+    return DataConfig(synthetic=SyntheticConfig(num_users=120, num_items=70), period_fractions=[0.6, 0.2, 0.2],
+                      cache_dir=str(root / "cache"))
+
+
+def make_dm(root) -> SequenceDataModule:
+    return SequenceDataModule(data_config(root), prepared_dir=str(root / "prep"), train_periods=[0], eval_period=1,
+                              batch_size=64, eval_batch_size=64)
+
+
+def trainer(root, **kw) -> L.Trainer:
+    return L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                     enable_model_summary=False, num_sanity_val_steps=0, default_root_dir=str(root),
+                     enable_checkpointing=False, **kw)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("edit_cb")
+    L.seed_everything(0)
+    dm = make_dm(root)
+    module = TigerModule(TINY, num_levels=2, codebook_size=16, suffix_size=16, rkmeans_iters=5, ks=(5, 10),
+                         num_beams=10, warmup_steps=5, lr=3e-3)
+    trainer(root, max_epochs=1, limit_val_batches=0).fit(module, datamodule=dm)
+    ckpt = root / "base.ckpt"
+    module.trainer.save_checkpoint(ckpt)
+    return root, ckpt
+
+
+def fresh(trained):
+    root, ckpt = trained
+    module = TigerModule.load_from_checkpoint(ckpt, weights_only=True)
+    dm = make_dm(root)
+    module.set_sid_table(module.sid_table, dm.catalogue(), dm.num_items)
+    return module.eval(), dm, root
+
+
+def test_callback_edits_cold_items_and_checkpoint_round_trip(trained):
+    module, dm, root = fresh(trained)
+    cb = GenRecEditCallback(dataclasses.replace(FAST, layer_mode="probe"))
+    t = trainer(root, callbacks=[cb])
+    t.test(module, datamodule=dm, verbose=False)
+    edits = module.edit
+    assert isinstance(edits, PositionEdits) and edits is cb.edits
+    # cold = period-1 new items the model never had as a training target
+    ds = dm.load()
+    expected_cold = np.setdiff1d(ds.new_items(1), dm.train_targets())
+    np.testing.assert_array_equal(np.sort(edits.cold_items), expected_cold)
+    for key in ("edit/seconds/values", "edit/seconds/covariance", "edit/seconds/probe", "edit/success_rate/pos0",
+                "edit/success_rate/pos2"):
+        assert key in cb.metrics
+    assert all(0.0 <= cb.metrics[f"edit/success_rate/pos{p}"] <= 1.0 for p in range(3))
+
+    # The cold items' SIDs score higher under the edit on the histories they were edited for.
+    emb = item_embeddings(ds, show_progress=False)
+    train = dm.split(TRAIN, dm.seen_periods)
+    warm = np.unique(train.target)
+    cfg = dataclasses.replace(FAST, max_history_items=module.cfg.max_history_items)
+    know = GenRecEditor(cfg).build_knowledge(expected_cold, emb[expected_cold], warm, emb[warm], train.history,
+                                             train.target)
+    ids, mask = module_history_encoder(module)(know.histories)
+    tokens = torch.from_numpy(module.sid_table.tokens_of(know.items))
+    base = score_with_edit(module.t5, ids, mask, tokens, None)
+    edited = score_with_edit(module.t5, ids, mask, tokens, edits)
+    assert (edited.sum(1) > base.sum(1)).float().mean() > 0.9
+
+    # Checkpoint round trip: saved with the edit, restored by load_edits and by a Trainer's ckpt_path.
+    ckpt = root / "edited.ckpt"
+    t.save_checkpoint(ckpt)
+    loaded = TigerModule.load_from_checkpoint(ckpt, weights_only=True)
+    restored = GenRecEditCallback(edit_on_test=False).restore(loaded, ckpt)
+    assert loaded.edit is restored and restored.layers == edits.layers
+    for p in edits.positions:
+        assert torch.equal(restored.delta_weight(p), edits.delta_weight(p))
+    cb2 = GenRecEditCallback(edit_on_test=False)
+    module2 = TigerModule(TINY, num_levels=2, codebook_size=16, suffix_size=16, ks=(5, 10), num_beams=10)
+    res = trainer(root, callbacks=[cb2]).test(module2, datamodule=make_dm(root), ckpt_path=ckpt, verbose=False)[0]
+    assert isinstance(module2.edit, PositionEdits)
+    assert torch.equal(module2.edit.delta_weight(0), edits.delta_weight(0))
+    # same edited model, same test metrics as the editing run
+    again = trainer(root).test(module, datamodule=make_dm(root), verbose=False)[0]
+    assert res["test/recall@10/cold"] == pytest.approx(again["test/recall@10/cold"])
+
+    # A model whose SID table differs refuses the stored edits.
+    table = loaded.sid_table
+    codes = table.codes.copy()
+    codes[[0, 1]] = codes[[1, 0]]
+    other = SemanticIdTable(table.items, codes, table.suffix, table.codebook_size, table.suffix_size)
+    loaded.set_sid_table(other)
+    with pytest.raises(SidTableMismatchError):
+        load_edits(loaded, ckpt)
+    with pytest.raises(SidTableMismatchError):
+        GenRecEditCallback().activate(loaded, edits)
+
+
+@pytest.mark.parametrize("one_one", [True, False])
+def test_remove_restores_unedited_model_bit_identically(trained, one_one):
+    module, dm, _ = fresh(trained)
+    hist = torch.from_numpy(dm.eval_instances(2).history.astype(np.int64))
+    weights = {k: v.clone() for k, v in module.state_dict().items()}
+    with torch.no_grad():
+        before = module.recommend(hist)
+    cb = GenRecEditCallback(dataclasses.replace(FAST, one_one=one_one))
+    edits = cb.apply(module, dm)
+    assert edits.one_one is one_one
+    with torch.no_grad():
+        during = module.recommend(hist)
+    if one_one:
+        assert module.edit is edits and torch.equal(ffn_out_proj(module.t5, 0).weight, weights[
+            "t5.decoder.block.0.layer.2.DenseReluDense.wo.weight"])
+    else:  # merged into the weights ("w/o one-one"), no per-step edit object
+        assert module.edit is None
+    assert not torch.equal(during[1], before[1])
+    cb.remove(module)
+    assert module.edit is None
+    with torch.no_grad():
+        after = module.recommend(hist)
+    for a, b in zip(before, after):
+        assert torch.equal(a, b)
+    for k, v in module.state_dict().items():
+        assert torch.equal(v, weights[k]), k
+
+
+def test_merge_option_folds_edits_into_weights(trained):
+    module, dm, _ = fresh(trained)
+    w0 = ffn_out_proj(module.t5, 0).weight.detach().clone()
+    cb = GenRecEditCallback(FAST, merge=True)
+    edits = cb.apply(module, dm)
+    cb.finish(module)
+    assert module.edit is None
+    expected = (w0.double() + edits.summed_per_layer()[0].double()).float()
+    assert torch.equal(ffn_out_proj(module.t5, 0).weight.detach(), expected)
+
+
+def test_cold_items_without_sids_need_a_coder(trained):
+    module, dm, _ = fresh(trained)
+    ds = dm.load()
+    old = ds.catalogue_until(0)
+    module.set_sid_table(_restrict(module.sid_table, old), old, ds.num_items)
+    with pytest.raises(ValueError, match="pass `coder`"):
+        GenRecEditCallback(FAST).apply(module, dm)
+    before = module.sid_table
+
+    def coder(x):  # any deterministic embeddings → codes map stands in for the tokenizer
+        return (x[:, :2].abs() * 1000).long() % 16
+
+    cb = GenRecEditCallback(FAST, coder=coder)
+    edits = cb.apply(module, dm)
+    table = module.sid_table
+    assert np.isin(edits.cold_items, table.items).all()
+    # old items keep their SIDs exactly; every full SID stays unique
+    rows = table.rows_of(before.items)
+    np.testing.assert_array_equal(table.codes[rows], before.codes)
+    np.testing.assert_array_equal(table.suffix[rows], before.suffix)
+    assert len(np.unique(table.tokens(), axis=0)) == table.num_items
+    assert edits.sid_table_hash == table.content_hash()
+
+
+def test_continual_hook_reports_next_period(trained):
+    from runners.continual import ContinualConfig, ContinualRunner
+
+    module, dm, root = fresh(trained)
+    ds = dm.load()
+    runner = ContinualRunner(data_config(root), ContinualConfig(run_dir=str(root / "cont"), method="reformer",
+                                                                accelerator="cpu", logger="none"))
+    runner.dataset, runner.embeddings = ds, item_embeddings(ds, show_progress=False)
+    runner.rqvae = lambda x: (x[:, :2].abs() * 1000).long() % 16
+    old = ds.catalogue_until(0)
+    module.set_sid_table(_restrict(module.sid_table, old), old, ds.num_items)
+    table_before = module.sid_table
+    out = continual_hook(FAST)(runner, 0, module)
+    for key in ("edit/period1/edited/test/recall@10/cold", "edit/period1/unedited/test/recall@10/cold",
+                "edit/period1/edit/success_rate/pos0", "edit/period1/edit/seconds/values"):
+        assert key in out, key
+    # the module is left as it was for period 0's own evaluation
+    assert module.edit is None and module.sid_table is table_before
+    assert continual_hook(FAST)(runner, 2, module) == {}  # no period after the last one
