@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench._common import parser, report  # noqa: E402
+from bench._common import parser, report
 
 ROWS = ("unedited", "edited", "retrain", "finetune", "upper_bound", "no_position_wise", "random_layer",
         "worst_layer", "no_one_one")

@@ -11,11 +11,11 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import parser, report  # noqa: E402
+from _common import parser, report
 
-from genrec.data.config import DataConfig  # noqa: E402
-from genrec.data.pipeline import load_raw, prepare  # noqa: E402
-from genrec.data.synthetic import SyntheticConfig, generate_synthetic  # noqa: E402
+from genrec.data.config import DataConfig
+from genrec.data.pipeline import load_raw, prepare
+from genrec.data.synthetic import SyntheticConfig, generate_synthetic
 
 
 def time_prepare(cfg: DataConfig, raw=None) -> tuple[float, int, int]:

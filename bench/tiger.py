@@ -17,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from _common import parser, report  # noqa: E402
+from _common import parser, report
 
 
 def train_tiger(args, prepared_dir: str, workdir: str) -> dict:

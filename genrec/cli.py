@@ -33,6 +33,7 @@ def prepare_parser():
 
 def run_prepare(argv: list[str]) -> dict:
     import json
+
     import numpy as np
 
     from genrec.data.pipeline import item_embeddings, prepare

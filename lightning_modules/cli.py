@@ -5,9 +5,9 @@ from __future__ import annotations
 from lightning.pytorch.cli import LightningCLI
 
 # Import the shipped modules so short class names (e.g. `--model TigerModule`) resolve.
-import datamodules.item_embeddings  # noqa: F401
+import datamodules.item_embeddings
 import datamodules.sequences  # noqa: F401
-import lightning_modules.rqvae  # noqa: F401
+import lightning_modules.rqvae
 import lightning_modules.tiger  # noqa: F401
 
 

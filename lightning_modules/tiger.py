@@ -185,7 +185,7 @@ class TigerModule(L.LightningModule):
         )
 
     def _eval_step(self, batch, metrics: RankingMetrics):
-        items, scores, tokens = self.recommend(batch["history"])
+        items, _, tokens = self.recommend(batch["history"])
         metrics.update(items, tokens, batch["target"], self.targets(batch["target"]), batch["subsets"],
                        instance_ids=batch["index"])
 

@@ -8,7 +8,7 @@ os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-import torch  # noqa: E402
+import torch
 
 # pytest-xdist runs one worker per core: one intra-op thread each avoids oversubscription (10x slower otherwise)
 torch.set_num_threads(1)

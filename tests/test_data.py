@@ -7,9 +7,16 @@ import pytest
 from genrec.data.config import DataConfig
 from genrec.data.pipeline import PreparedDataset, prepare
 from genrec.data.preprocess import kcore_mask, preprocess
-from genrec.data.schema import DataError, RawData
+from genrec.data.schema import DataError
 from genrec.data.sources import load_amazon_legacy, load_local
-from genrec.data.splits import TEST, TRAIN, VALID, build_period_instances, build_timestamp_instances, period_of_rows
+from genrec.data.splits import (
+    TEST,
+    TRAIN,
+    VALID,
+    build_period_instances,
+    build_timestamp_instances,
+    period_of_rows,
+)
 from genrec.data.synthetic import SyntheticConfig, generate_synthetic
 from genrec.data.text import item_texts
 
@@ -19,8 +26,7 @@ def write_local(root, rows, items=None, splits=None):
     pd.DataFrame(rows, columns=["user_id", "item_id", "timestamp"]).to_csv(root / "interactions.csv", index=False)
     items = items if items is not None else sorted({r[1] for r in rows})
     with open(root / "items.jsonl", "w") as fh:
-        for it in items:
-            fh.write(json.dumps({"item_id": it, "title": f"title {it}"}) + "\n")
+        fh.writelines(json.dumps({"item_id": it, "title": f"title {it}"}) + "\n" for it in items)
     if splits is not None:
         pd.DataFrame(splits, columns=["user_id", "item_id", "timestamp", "split"]).to_csv(root / "splits.csv", index=False)
     return root
@@ -31,8 +37,7 @@ def hand_table(tmp_path):
     rows = [("a", "i1", 1), ("b", "i2", 2), ("a", "i2", 3), ("a", "i3", 4),
             ("b", "i3", 5), ("a", "i4", 6), ("b", "i5", 7), ("a", "i1", 8)]
     raw = load_local(write_local(tmp_path / "d", rows))
-    table, catalog, report = preprocess(raw)
-    return table
+    return preprocess(raw)[0]
 
 
 def test_period_cut_is_floor_of_cumulative_fractions():

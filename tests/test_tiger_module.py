@@ -31,7 +31,7 @@ def test_device_encoding_equals_reference_encoder(tmp_path):
     model = TigerModule(TINY, num_levels=2, codebook_size=16, suffix_size=16, rkmeans_iters=5)
     t = trainer(tmp_path)
     model.trainer = t  # setup needs a trainer reference only for the datamodule
-    t.datamodule = dm  # noqa
+    t.datamodule = dm
     model.setup("fit")
     hist = torch.from_numpy(dm.train_instances().history[:50])
     ours, mask = model.encode(hist)

@@ -40,7 +40,7 @@ def load_encoder(name: str, device: str | None = None):
     path = resolve_model_path(name)
     try:
         return SentenceTransformer(path, device=device, trust_remote_code=False)
-    except Exception as exc:  # sentence-transformers raises many kinds; re-raise one clear message
+    except Exception as exc:  # noqa: BLE001 — sentence-transformers raises many kinds; re-raise one clear message
         offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
         hint = (
             "HF_HUB_OFFLINE is set and the model is not in the local Hugging Face cache: run once with network "

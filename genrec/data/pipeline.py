@@ -17,7 +17,14 @@ import pyarrow.parquet as pq
 from genrec.data.config import DataConfig
 from genrec.data.preprocess import preprocess
 from genrec.data.schema import DataError, InteractionTable, ItemCatalog, RawData
-from genrec.data.splits import TEST, TRAIN, VALID, Instances, build_period_instances, build_timestamp_instances
+from genrec.data.splits import (
+    TEST,
+    TRAIN,
+    VALID,
+    Instances,
+    build_period_instances,
+    build_timestamp_instances,
+)
 from genrec.data.text import item_texts
 
 FORMAT_VERSION = 1
@@ -94,8 +101,8 @@ class PreparedDataset:
                 {
                     "period": p,
                     "num_interactions": int(rows.sum()),
-                    "num_users": int(len(np.unique(self.table.user[rows]))),
-                    "num_distinct_items": int(len(np.unique(self.table.item[rows]))),
+                    "num_users": len(np.unique(self.table.user[rows])),
+                    "num_distinct_items": len(np.unique(self.table.item[rows])),
                     "num_new_items": int((first == p).sum()) if p > 0 else 0,
                     "num_catalogue_items": int((first <= p).sum()),
                     "time_min": int(ts.min()),
@@ -143,7 +150,7 @@ class PreparedDataset:
             pq.write_table(pa.table({"user": np.arange(t.num_users), "user_id": t.user_ids.astype(str)}),
                            tmp / "users.parquet")
             inst = self.instances
-            n, h = inst.history.shape
+            h = inst.history.shape[1]
             history = pa.FixedSizeListArray.from_arrays(pa.array(inst.history.reshape(-1)), h)
             icols = {f.name: getattr(inst, f.name) for f in dataclasses.fields(inst) if f.name != "history"}
             icols["history"] = history

@@ -18,7 +18,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from genrec.data.schema import ITEM_TEXT_FIELDS, SPLIT_CODES, DataError, RawData, check_timestamps, require_columns
+from genrec.data.schema import (
+    ITEM_TEXT_FIELDS,
+    SPLIT_CODES,
+    DataError,
+    RawData,
+    check_timestamps,
+    require_columns,
+)
 
 _TAG = re.compile(r"<[^>]+>")
 _SPACE = re.compile(r"\s+")

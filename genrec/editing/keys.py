@@ -15,6 +15,8 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from genrec.decoding.beam_search import eval_mode
+
 # (layer, time step)
 Site = tuple[int, int]
 
@@ -44,17 +46,6 @@ def wo_hooks(model: nn.Module, hooks: dict[int, Callable]) -> Iterator[None]:
     finally:
         for h in handles:
             h.remove()
-
-
-@contextmanager
-def eval_mode(model: nn.Module) -> Iterator[None]:
-    """Dropout off while editing; the caller's train/eval mode is restored afterwards."""
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)
 
 
 def encode(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

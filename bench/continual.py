@@ -1,0 +1,101 @@
+"""DACT comparison table: every continual method on one dataset, period 0 shared, 4 continual periods.
+
+    .venv/bin/python bench/continual.py --data ../shared/data/office_products_2018_d3 --out continual.json
+
+Methods (tokenizer / recommender update per continual period): dact (DACT / finetune), ft_both (finetune /
+finetune), ft_tok (finetune / frozen), ft_grm (frozen / finetune), frozen (frozen / frozen), reformer (codes for
+new items only / finetune). Period 0 (SASRec CF, RQ-VAE, TIGER) is trained once and copied into every method's
+run folder, which the runner then resumes from, so all methods start from the same models.
+HR@K equals Recall@K here (one target per instance). Code change = share of items present in both periods whose
+SID changed (per level and overall), averaged over the continual periods.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from _common import parser, report
+
+METHODS = ("dact", "ft_both", "ft_tok", "ft_grm", "frozen", "reformer")
+
+
+def base_config(args, run_dir: str):
+    from runners.continual import parser as continual_parser
+
+    p = continual_parser()
+    cfg = p.parse_args(["--config", str(Path(__file__).resolve().parents[1] / "configs/continual/"
+                                        "office_products_2018_d3.yaml"),
+                        "--data.root", args.data, "--data.name", Path(args.data).name,
+                        "--continual.run_dir", run_dir, "--continual.logger", "none",
+                        "--continual.seed", str(args.seed)])
+    init = p.instantiate_classes(cfg)
+    data, c = init.data, init.continual
+    if not args.full:  # CPU-sized: smaller TIGER, fewer epochs (the config keeps the documented defaults)
+        c.tiger = dataclasses.replace(c.tiger, num_encoder_layers=2, num_decoder_layers=2, num_heads=4, d_kv=32,
+                                      d_ff=512)
+        c.rqvae_stage = dataclasses.replace(c.rqvae_stage, epochs=args.rqvae_epochs)
+        c.tiger_stage = dataclasses.replace(c.tiger_stage, epochs=args.tiger_epochs, lr=2e-3)
+        c.tiger_finetune_stage = dataclasses.replace(c.tiger_finetune_stage, epochs=args.finetune_epochs)
+        c.finetune_tokenizer_stage = dataclasses.replace(c.finetune_tokenizer_stage, epochs=args.tokenizer_epochs)
+    return data, c
+
+
+def main() -> dict:
+    from runners.continual import ContinualRunner
+
+    p = parser(__doc__)
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS) + ["ft_tok_rt_grm"])
+    p.add_argument("--rqvae_epochs", type=int, default=150)
+    p.add_argument("--tiger_epochs", type=int, default=30)
+    p.add_argument("--finetune_epochs", type=int, default=8)
+    p.add_argument("--tokenizer_epochs", type=int, default=30)
+    p.add_argument("--workdir", default=None, help="keep run folders here (default: a temporary folder)")
+    args = p.parse_args()
+    res: dict = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(args.workdir or tmp)
+        shared = root / "period0"
+        for i, method in enumerate(args.methods):
+            run_dir = root / method
+            if i > 0 and not (run_dir / "period_0" / "DONE").exists():
+                run_dir.mkdir(parents=True, exist_ok=True)
+                shutil.copytree(shared / "period_0", run_dir / "period_0", dirs_exist_ok=True)
+                if (shared / "prepared").exists():
+                    shutil.copytree(shared / "prepared", run_dir / "prepared", dirs_exist_ok=True)
+            data, cfg = base_config(args, str(run_dir))
+            cfg.method = method
+            t0 = time.perf_counter()
+            results = ContinualRunner(data, cfg).run()
+            res[f"seconds/{method}"] = time.perf_counter() - t0
+            if i == 0:
+                shared.mkdir(parents=True, exist_ok=True)
+                shutil.copytree(run_dir / "period_0", shared / "period_0", dirs_exist_ok=True)
+                shutil.copytree(run_dir / "prepared", shared / "prepared", dirs_exist_ok=True)
+            periods = sorted(t for t in results if t > 0)
+            for t, m in sorted(results.items()):
+                for k in (5, 10):
+                    res[f"{method}/period{t}/test/hr@{k}/overall"] = m[f"test/recall@{k}/overall"]
+                    res[f"{method}/period{t}/test/ndcg@{k}/overall"] = m[f"test/ndcg@{k}/overall"]
+                res[f"{method}/period{t}/test/recall@10/cold"] = m["test/recall@10/cold"]
+                if t > 0:
+                    res[f"{method}/period{t}/code_change/level1"] = m.get("code_change/level1", 0.0)
+                    res[f"{method}/period{t}/code_change/overall"] = m.get("code_change/overall", 0.0)
+            n = max(len(periods), 1)
+            res[f"{method}/hr@10/mean"] = sum(results[t]["test/recall@10/overall"] for t in periods) / n
+            res[f"{method}/ndcg@10/mean"] = sum(results[t]["test/ndcg@10/overall"] for t in periods) / n
+            for level in ("level1", "level2", "level3", "overall"):
+                res[f"{method}/code_change/{level}/mean"] = sum(
+                    results[t].get(f"code_change/{level}", 0.0) for t in periods) / max(len(periods), 1)
+    report(res, args.out, "continual methods (HR/NDCG per period, code change)")
+    return res
+
+
+if __name__ == "__main__":
+    main()

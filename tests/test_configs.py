@@ -1,0 +1,65 @@
+"""Every shipped config instantiates (data configs are covered in test_embeddings_cli.py)."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+LIGHTNING_CONFIGS = sorted((REPO / "configs" / "tiger").glob("*.yaml")) + sorted(
+    (REPO / "configs" / "sasrec").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", LIGHTNING_CONFIGS, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_lightning_cli_configs_instantiate(path, monkeypatch, tmp_path):
+    from lightning.pytorch.cli import LightningCLI
+
+    import lightning_modules.cli  # noqa: F401  (registers the shipped classes)
+
+    monkeypatch.chdir(tmp_path)  # loggers and run folders land in the temporary folder
+    cli = LightningCLI(subclass_mode_model=True, subclass_mode_data=True, run=False,
+                       args=["--config", str(path), "--trainer.logger", "false"])
+    assert type(cli.model).__name__ in ("TigerModule", "SASRecModule")
+    assert type(cli.datamodule).__name__ == "SequenceDataModule"
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs" / "continual").glob("*.yaml")), ids=lambda p: p.name)
+def test_continual_configs_instantiate(path):
+    from runners.continual import parser
+
+    p = parser()
+    init = p.instantiate_classes(p.parse_args(["--config", str(path)]))
+    tok, rec = init.continual.resolved()
+    assert init.data.protocol == "periods" and tok and rec
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs" / "edit").glob("*.yaml")), ids=lambda p: p.name)
+def test_edit_configs_instantiate(path):
+    from runners.edit import parser
+
+    p = parser()
+    cfg = p.parse_args(["--config", str(path), "--ckpt_path", "model.ckpt"])
+    init = p.instantiate_classes(cfg)
+    assert init.edit.cov_lambda >= 0
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs" / "sweeps").glob("*.yaml")), ids=lambda p: p.name)
+def test_sweep_configs_drive_the_cli(path):
+    sweep = yaml.safe_load(path.read_text())
+    assert sweep["program"] == "genrec" and sweep["command"][1] in ("continual", "edit", "fit")
+    config = REPO / sweep["command"][sweep["command"].index("--config") + 1]
+    assert config.exists()
+    # every swept parameter is a real field of that command's parser
+    if sweep["command"][1] == "continual":
+        from runners.continual import parser
+    else:
+        from runners.edit import parser
+    p = parser()
+    for name, spec in sweep["parameters"].items():
+        value = spec["values"][0]
+        args = ["--config", str(config), f"--{name}", str(value)]
+        if sweep["command"][1] == "edit":
+            args += ["--ckpt_path", "x.ckpt"]
+        p.parse_args(args)
