@@ -206,8 +206,9 @@ class TigerModule(L.LightningModule):
         self._log_metrics(self.val_metrics, "val")
 
     def on_test_epoch_end(self):
-        values = self._log_metrics(self.test_metrics, "test")
-        write_metrics_json(self.trainer, {k: float(v) for k, v in values.items()})
+        values = {k: float(v) for k, v in self._log_metrics(self.test_metrics, "test").items()}
+        write_metrics_json(self.trainer, values)
+        log_wandb_results(self.trainer, values, self.sid_table)
 
     def predict_step(self, batch, batch_idx):
         items, scores, _ = self.recommend(batch["history"])
@@ -229,6 +230,28 @@ def build_sid_table_rkmeans(ds, hp) -> SemanticIdTable:
     k = min(hp.codebook_size, len(emb))
     codes = ResidualKMeans(hp.num_levels, k, iters=hp.rkmeans_iters, seed=ds.config.seed).fit_encode(emb)
     return SemanticIdTable.from_codes(np.arange(len(emb)), codes, hp.codebook_size, hp.suffix_size)
+
+
+def log_wandb_results(trainer, values: dict, sid_table: SemanticIdTable | None) -> None:
+    """With a W&B logger: a metric × subset table and the SID table as a versioned artifact (rank 0)."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    loggers = [lg for lg in (trainer.loggers if trainer else []) if isinstance(lg, WandbLogger)]
+    if not loggers or not trainer.is_global_zero:
+        return
+    subsets = sorted({k.rsplit("/", 1)[1] for k in values})
+    metrics = sorted({k.rsplit("/", 1)[0] for k in values})
+    rows = [[m] + [values.get(f"{m}/{s}") for s in subsets] for m in metrics]
+    for logger in loggers:
+        logger.log_table("test/results_by_subset", columns=["metric", *subsets], data=rows)
+        if sid_table is not None:
+            import wandb
+
+            path = Path(logger.save_dir or trainer.default_root_dir) / "sid_table.parquet"
+            digest = sid_table.save(path)
+            artifact = wandb.Artifact(f"sid_table-{digest[:16]}", type="sid_table", metadata={"hash": digest})
+            artifact.add_file(str(path))
+            logger.experiment.log_artifact(artifact)
 
 
 def write_metrics_json(trainer, values: dict) -> None:

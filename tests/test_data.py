@@ -216,3 +216,50 @@ def test_prepared_folder_round_trip_and_atomic_write(tmp_path, monkeypatch):
         ds.save(tmp_path / "other")
     assert not (tmp_path / "other").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["prep"]  # no temp folder left behind
+
+
+def write_amazon_2023_mirror(root):
+    """Small files in the hub's layout (same columns as McAuley-Lab/Amazon-Reviews-2023)."""
+    bench = root / "benchmark" / "5core" / "timestamp_w_his"
+    bench.mkdir(parents=True)
+    rows = {
+        "train": [("u1", "A", 5.0, 1000, ""), ("u1", "B", 4.0, 2000, "A"), ("u2", "A", 3.0, 2500, "")],
+        "valid": [("u1", "C", 5.0, 3000, "A B"), ("u2", "B", 5.0, 3100, "A")],
+        "test": [("u1", "D", 2.0, 4000, "A B C"), ("u2", "C", 1.0, 4100, "A B")],
+    }
+    for split, rs in rows.items():
+        pd.DataFrame(rs, columns=["user_id", "parent_asin", "rating", "timestamp", "history"]).to_csv(
+            bench / f"Toys.{split}.csv", index=False)
+    meta = root / "raw" / "meta_categories"
+    meta.mkdir(parents=True)
+    with open(meta / "meta_Toys.jsonl", "w") as fh:
+        for asin in "ABCD":
+            fh.write(json.dumps({"parent_asin": asin, "title": f"Toy {asin}", "store": "Acme",
+                                 "features": ["small", "red"], "categories": ["Toys", "Cars"],
+                                 "description": ["Fun &amp; safe."]}) + "\n")
+    reviews = root / "raw" / "review_categories"
+    reviews.mkdir(parents=True)
+    with open(reviews / "Toys.jsonl", "w") as fh:
+        for split, rs in rows.items():
+            for u, a, r, t, _ in rs:
+                fh.write(json.dumps({"user_id": u, "parent_asin": a, "rating": r, "timestamp": t}) + "\n")
+
+
+def test_amazon_2023_reader_on_a_local_mirror_of_the_hub_layout(tmp_path):
+    write_amazon_2023_mirror(tmp_path / "hub")
+    cfg = DataConfig(source="amazon2023", category="Toys", root=str(tmp_path / "hub"), protocol="timestamp",
+                     cache_dir=str(tmp_path / "cache"))
+    ds = prepare(cfg)
+    inst = ds.instances
+    names = ds.table.item_ids
+    got = sorted((ds.table.user_ids[u], names[t], int(s)) for u, t, s in zip(inst.user, inst.target, inst.split))
+    # rows with an empty history (a user's first interaction) are never targets
+    assert got == [("u1", "B", TRAIN), ("u1", "C", VALID), ("u1", "D", TEST), ("u2", "B", VALID), ("u2", "C", TEST)]
+    # the rebuilt histories equal the files' own `history` column
+    test_u1 = inst.select((inst.split == TEST) & (ds.table.user_ids[inst.user] == "u1"))
+    assert [names[h] for h in test_u1.history[0] if h >= 0] == ["A", "B", "C"]
+    text = ds.texts[list(names).index("A")]
+    assert text.startswith("Toy A. Brand: Acme. Categories: Toys, Cars.") and "Fun & safe." in text
+    raw = prepare(DataConfig(source="amazon2023", category="Toys", root=str(tmp_path / "hub"), protocol="periods",
+                             period_fractions=[0.5, 0.5], cache_dir=str(tmp_path / "cache")))
+    assert len(raw.table) == 7

@@ -66,3 +66,46 @@ def test_fit_then_validate_from_checkpoint_reproduces_metrics(tmp_path):
     w = cold.mean()
     assert test["test/recall@10/overall"] == pytest.approx(
         w * test["test/recall@10/cold"] + (1 - w) * test["test/recall@10/warm"], abs=1e-5)
+
+
+def test_predict_writes_topk_with_ids_and_titles(tmp_path):
+    import pandas as pd
+
+    from callbacks.predictions import RecommendationWriter
+
+    dm = small_dm(tmp_path)
+    model = TigerModule(TINY, num_levels=2, codebook_size=16, suffix_size=16, rkmeans_iters=5, ks=(5,), num_beams=5)
+    out = tmp_path / "recs.parquet"
+    t = trainer(tmp_path, max_epochs=1, callbacks=[RecommendationWriter(str(out))])
+    t.fit(model, datamodule=dm)
+    t.predict(model, datamodule=dm)
+    recs = pd.read_parquet(out)
+    n_test = len(dm.eval_instances(2))
+    assert len(recs) == 5 * n_test and recs["rank"].between(1, 5).all()
+    ds = dm.load()
+    titles = dict(zip(ds.table.item_ids, ds.catalog.fields["title"]))
+    assert all(titles[i] == t for i, t in zip(recs["item_id"], recs["title"]))
+    # ranks are de-duplicated per instance and scores are non-increasing along the ranking
+    first = recs.iloc[:5]
+    assert first["item_id"].is_unique and first["score"].is_monotonic_decreasing
+
+
+def test_wandb_offline_logging_of_results_table_and_sid_artifact(tmp_path, monkeypatch):
+    from lightning.pytorch.loggers import WandbLogger
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    dm = small_dm(tmp_path)
+    model = TigerModule(TINY, num_levels=2, codebook_size=16, suffix_size=16, rkmeans_iters=5, ks=(5,), num_beams=5)
+    logger = WandbLogger(project="genrec-test", save_dir=str(tmp_path / "wandb"), offline=True)
+    t = L.Trainer(max_epochs=1, accelerator="cpu", logger=logger, enable_progress_bar=False, num_sanity_val_steps=0,
+                  limit_val_batches=0, default_root_dir=str(tmp_path), enable_checkpointing=False)
+    t.fit(model, datamodule=dm)
+    res = t.test(model, datamodule=dm, verbose=False)[0]
+    assert "test/recall@5/cold" in res
+    from genrec.tokenizers.sid import SemanticIdTable
+
+    saved = SemanticIdTable.load(tmp_path / "wandb" / "sid_table.parquet")
+    assert saved.content_hash() == model.sid_table.content_hash()
+    logger.experiment.finish()
+    assert list((tmp_path / "wandb" / "wandb").glob("offline-run-*"))

@@ -1,0 +1,66 @@
+"""RecommendationWriter: `genrec predict` → top-K recommendations per user with item ids and titles."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+
+class RecommendationWriter(L.Callback):
+    """Collects ``predict_step`` outputs (``items``, ``scores``) with the batch's users and writes one row per
+    (instance, rank): user_id, rank, item_id, title, score. Format from the suffix: ``.parquet`` or ``.jsonl``.
+
+    Args:
+        output_path: File to write (atomically, via a temporary sibling).
+    """
+
+    def __init__(self, output_path: str = "recommendations.parquet"):
+        super().__init__()
+        if not output_path.endswith((".parquet", ".jsonl")):
+            raise ValueError(f"output_path must end with .parquet or .jsonl, got {output_path!r}")
+        self.output_path = output_path
+        self._users: list[torch.Tensor] = []
+        self._items: list[torch.Tensor] = []
+        self._scores: list[torch.Tensor] = []
+
+    def on_predict_epoch_start(self, trainer, pl_module) -> None:
+        self._users, self._items, self._scores = [], [], []
+
+    def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        self._users.append(batch["user"].detach().cpu())
+        self._items.append(outputs["items"].detach().cpu())
+        self._scores.append(outputs["scores"].detach().float().cpu())
+
+    def on_predict_epoch_end(self, trainer, pl_module) -> None:
+        if not trainer.is_global_zero or not self._items:
+            return
+        ds = trainer.datamodule.load()
+        users = torch.cat(self._users).numpy()
+        items = torch.cat(self._items).numpy()
+        scores = torch.cat(self._scores).numpy()
+        k = items.shape[1]
+        valid = items >= 0  # empty slots (catalogue smaller than K) are not written
+        row_user = np.repeat(users, k)[valid.reshape(-1)]
+        flat_items = items[valid]
+        titles = ds.catalog.fields.get("title", [None] * ds.num_items)
+        table = pa.table({
+            "user_id": ds.table.user_ids[row_user].astype(str),
+            "rank": np.tile(np.arange(1, k + 1), len(users))[valid.reshape(-1)],
+            "item_id": ds.table.item_ids[flat_items].astype(str),
+            "title": [titles[i] for i in flat_items],
+            "score": scores[valid],
+        })
+        path = Path(self.output_path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        if path.suffix == ".parquet":
+            pq.write_table(table, tmp)
+        else:
+            table.to_pandas().to_json(tmp, orient="records", lines=True)
+        os.replace(tmp, path)
