@@ -71,7 +71,8 @@ def bench_rkmeans(x: np.ndarray, args) -> dict[str, float]:
     from genrec.tokenizers.rkmeans import ResidualKMeans
 
     t0 = time.perf_counter()
-    rk = ResidualKMeans(args.levels, args.codebook_size, iters=args.kmeans_iters, seed=args.seed)
+    rk = ResidualKMeans(args.levels, args.codebook_size, iters=args.kmeans_iters, seed=args.seed,
+                        pca_dim=args.rkmeans_pca_dim or None, whiten=bool(args.rkmeans_pca_dim))
     rk.fit(torch.from_numpy(x).to(args.device))
     codes = rk.encode(torch.from_numpy(x).to(args.device))
     out = {"seconds/rkmeans_fit": time.perf_counter() - t0}
@@ -138,7 +139,9 @@ def parse_args(argv=None):
     p.add_argument("--grad-clip", type=float, default=None)
     p.add_argument("--kmeans-iters", type=int, default=100)
     p.add_argument("--sinkhorn", action="store_true", help="Sinkhorn-balanced last level (off by default)")
-    p.add_argument("--dead-code-reset", action="store_true")
+    p.add_argument("--dead-code-reset", action=argparse.BooleanOptionalAction, default=True,
+                   help="re-seed unused codes during training (default on here; RQVAEConfig keeps it off)")
+    p.add_argument("--rkmeans-pca-dim", type=int, default=32, help="PCA-whiten to this width first (0 = off)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--seed", type=int, default=2024)
     p.add_argument("--skip", nargs="*", default=[], choices=["rqvae", "rkmeans", "sasrec"])

