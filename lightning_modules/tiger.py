@@ -102,10 +102,17 @@ class TigerModule(L.LightningModule):
         valid = table if catalogue is None else _restrict(table, catalogue)
         self.trie = SidTrie.from_table(valid, device=self.device)
 
-    def setup(self, stage: str) -> None:
-        dm = getattr(self.trainer, "datamodule", None)
+    def _catalogue_of_datamodule(self):
+        trainer = self._trainer
+        dm = getattr(trainer, "datamodule", None) if trainer is not None else None
         catalogue = dm.catalogue() if dm is not None and hasattr(dm, "catalogue") else None
         num_items = dm.num_items if dm is not None and hasattr(dm, "num_items") else None
+        return dm, catalogue, num_items
+
+    def setup(self, stage: str) -> None:
+        dm, catalogue, num_items = self._catalogue_of_datamodule()
+        if self.sid_table is None and getattr(self.trainer, "ckpt_path", None):
+            return  # the checkpoint about to be restored carries the SID table (on_load_checkpoint)
         if self.sid_table is None:
             if self.hparams.sid_table_path:
                 table = SemanticIdTable.load(self.hparams.sid_table_path)
@@ -131,7 +138,9 @@ class TigerModule(L.LightningModule):
                                     int(s["codebook_size"]), int(s["suffix_size"]))
             if table.content_hash() != s["hash"]:
                 raise ValueError("checkpoint SID table hash mismatch")
-            self.set_sid_table(table)
+            # restrict decoding to the attached datamodule's catalogue, exactly as setup() does
+            _, catalogue, num_items = self._catalogue_of_datamodule()
+            self.set_sid_table(table, catalogue, num_items)
 
     # ------------------------------------------------------------------ encoding
     def encode(self, history: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
