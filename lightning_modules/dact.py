@@ -21,6 +21,7 @@ from genrec.tokenizers.dact import DACTConfig, DACTModel, linear_warmup_decay, r
 from genrec.tokenizers.reassign import ReassignResult, reassign
 from genrec.tokenizers.rqvae import RQVAE, RQVAEConfig
 from genrec.tokenizers.sid import SemanticIdTable
+from lightning_modules._hparams import save_plain_hparams
 
 
 def load_previous_tokenizer(path: str | Path) -> tuple[dict, dict | None, dict | None]:
@@ -109,7 +110,7 @@ class DACTModule(L.LightningModule):
         if code_change_every_n_epochs < 0:
             raise ValueError(f"code_change_every_n_epochs must be ≥ 0, got {code_change_every_n_epochs}")
         # Plain dicts in hparams: checkpoints stay loadable with torch.load(weights_only=True).
-        self.save_hyperparameters(
+        save_plain_hparams(self, 
             {
                 "rqvae_config": asdict(rqvae_config),
                 "dact_config": asdict(dact_config),

@@ -25,6 +25,7 @@ from genrec.tokenizers.rqvae import (
     collision_rate,
 )
 from genrec.tokenizers.sid import SemanticIdTable, SuffixOverflowError
+from lightning_modules._hparams import save_plain_hparams
 
 
 class RQVAEModule(L.LightningModule):
@@ -72,7 +73,7 @@ class RQVAEModule(L.LightningModule):
         if kmeans_init_on not in ("full", "first_batch"):
             raise ValueError(f"kmeans_init_on must be 'full' or 'first_batch', got {kmeans_init_on!r}")
         # Plain dict in hparams: checkpoints stay loadable with torch.load(weights_only=True).
-        self.save_hyperparameters(
+        save_plain_hparams(self, 
             {
                 "config": asdict(config),
                 "lr": lr,

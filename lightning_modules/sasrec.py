@@ -17,6 +17,7 @@ import torch
 
 from genrec.metrics import RankingMetrics
 from genrec.models.sasrec import SASRec, SASRecConfig
+from lightning_modules._hparams import save_plain_hparams
 
 _TOKEN_BASE = (1 << 16) - 1  # RankingMetrics packs tokens into 16 bits and reserves 0 for empty slots
 # keys that only mean something for SID models (prefix matches, invalid SIDs): equal to the item keys or
@@ -85,7 +86,7 @@ class SASRecModule(L.LightningModule):
         if not ks or min(ks) < 1:
             raise ValueError(f"ks must be positive cut-offs, got {ks}")
         # plain-dict hparams (checkpoints load with weights_only=True); `loss` recorded on its own for sweeps
-        self.save_hyperparameters(
+        save_plain_hparams(self, 
             {
                 "model": asdict(model),
                 "loss": model.loss,

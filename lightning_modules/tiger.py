@@ -16,6 +16,7 @@ from genrec.metrics import RankingMetrics
 from genrec.models.ffn_edit import FFNEdit
 from genrec.models.tiger import TigerConfig, build_tiger
 from genrec.tokenizers.sid import PAD_TOKEN, SemanticIdTable
+from lightning_modules._hparams import save_plain_hparams
 
 
 def item_token_matrix(table: SemanticIdTable, num_items: int) -> torch.Tensor:
@@ -70,7 +71,7 @@ class TigerModule(L.LightningModule):
             model = TigerConfig(**model)
         self.cfg = model or TigerConfig()
         # plain types only in hparams, so checkpoints load with torch.load(weights_only=True)
-        self.save_hyperparameters({"model": self.cfg.to_dict(), "sid_table_path": sid_table_path,
+        save_plain_hparams(self, {"model": self.cfg.to_dict(), "sid_table_path": sid_table_path,
                                    "num_levels": num_levels, "codebook_size": codebook_size,
                                    "suffix_size": suffix_size, "lr": lr, "weight_decay": weight_decay,
                                    "warmup_steps": warmup_steps, "scheduler": scheduler, "grad_clip": grad_clip,

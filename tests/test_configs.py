@@ -63,3 +63,17 @@ def test_sweep_configs_drive_the_cli(path):
         if sweep["command"][1] == "edit":
             args += ["--ckpt_path", "x.ckpt"]
         p.parse_args(args)
+
+
+def test_cli_fit_then_validate_from_checkpoint(monkeypatch, tmp_path):
+    """`genrec fit` then `genrec validate --ckpt_path` (LightningCLI re-parses the checkpoint's hyper-parameters)."""
+    from genrec.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    common = ["--config", str(REPO / "configs/tiger/synthetic.yaml"), "--trainer.logger", "false",
+              "--data.init_args.data.synthetic.num_users", "100", "--data.init_args.data.synthetic.num_items", "60",
+              "--trainer.enable_progress_bar", "false", "--trainer.limit_val_batches", "1"]
+    main(["fit", *common, "--trainer.max_epochs", "1", "--trainer.check_val_every_n_epoch", "1"])
+    ckpt = next(tmp_path.rglob("last.ckpt"))
+    main(["validate", *common, "--ckpt_path", str(ckpt)])
+    assert (tmp_path / "runs/synthetic/tiger").exists()
