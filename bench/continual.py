@@ -38,8 +38,10 @@ def base_config(args, run_dir: str):
     init = p.instantiate_classes(cfg)
     data, c = init.data, init.continual
     if not args.full:  # CPU-sized: smaller TIGER, fewer epochs (the config keeps the documented defaults)
-        c.tiger = dataclasses.replace(c.tiger, num_encoder_layers=2, num_decoder_layers=2, num_heads=4, d_kv=32,
-                                      d_ff=512)
+        c.tiger = dataclasses.replace(c.tiger, num_encoder_layers=2, num_decoder_layers=2, d_model=64, num_heads=4,
+                                      d_kv=16, d_ff=256)
+        c.sasrec_stage = dataclasses.replace(c.sasrec_stage, epochs=args.sasrec_epochs)
+        c.sasrec_finetune_stage = dataclasses.replace(c.sasrec_finetune_stage, epochs=max(args.sasrec_epochs // 3, 1))
         c.rqvae_stage = dataclasses.replace(c.rqvae_stage, epochs=args.rqvae_epochs)
         c.tiger_stage = dataclasses.replace(c.tiger_stage, epochs=args.tiger_epochs, lr=2e-3)
         c.tiger_finetune_stage = dataclasses.replace(c.tiger_finetune_stage, epochs=args.finetune_epochs)
@@ -56,6 +58,7 @@ def main() -> dict:
     p.add_argument("--tiger_epochs", type=int, default=30)
     p.add_argument("--finetune_epochs", type=int, default=8)
     p.add_argument("--tokenizer_epochs", type=int, default=30)
+    p.add_argument("--sasrec_epochs", type=int, default=30)
     p.add_argument("--workdir", default=None, help="keep run folders here (default: a temporary folder)")
     args = p.parse_args()
     res: dict = {}
