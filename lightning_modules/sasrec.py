@@ -18,6 +18,7 @@ import torch
 from genrec.metrics import RankingMetrics
 from genrec.models.sasrec import SASRec, SASRecConfig
 from lightning_modules._hparams import save_plain_hparams
+from lightning_modules._outputs import write_metrics_json
 
 _TOKEN_BASE = (1 << 16) - 1  # RankingMetrics packs tokens into 16 bits and reserves 0 for empty slots
 # keys that only mean something for SID models (prefix matches, invalid SIDs): equal to the item keys or
@@ -186,7 +187,8 @@ class SASRecModule(L.LightningModule):
         self._log_metrics(self.val_metrics, "val")
 
     def on_test_epoch_end(self):
-        self._log_metrics(self.test_metrics, "test")
+        values = self._log_metrics(self.test_metrics, "test")
+        write_metrics_json(self.trainer, {k: float(v) for k, v in values.items()})
 
     def predict_step(self, batch, batch_idx):
         items, scores = self.recommend(batch["history"])

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -17,6 +16,7 @@ from genrec.models.ffn_edit import FFNEdit
 from genrec.models.tiger import TigerConfig, build_tiger
 from genrec.tokenizers.sid import PAD_TOKEN, SemanticIdTable
 from lightning_modules._hparams import save_plain_hparams
+from lightning_modules._outputs import write_metrics_json
 
 
 def item_token_matrix(table: SemanticIdTable, num_items: int) -> torch.Tensor:
@@ -264,15 +264,3 @@ def log_wandb_results(trainer, values: dict, sid_table: SemanticIdTable | None) 
             artifact = wandb.Artifact(f"sid_table-{digest[:16]}", type="sid_table", metadata={"hash": digest})
             artifact.add_file(str(path))
             logger.experiment.log_artifact(artifact)
-
-
-def write_metrics_json(trainer, values: dict) -> None:
-    """Every stage writes metrics.json with the logged keys (rank 0, in the logger's or default root dir)."""
-    if trainer is None or not trainer.is_global_zero:
-        return
-    root = Path(trainer.log_dir or trainer.default_root_dir)
-    root.mkdir(parents=True, exist_ok=True)
-    path = root / "metrics.json"
-    old = json.loads(path.read_text()) if path.exists() else {}
-    old.update(values)
-    path.write_text(json.dumps(old, indent=1, sort_keys=True))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -215,7 +217,7 @@ def test_tiny_fit_and_test_logs_metrics(synthetic_dm, tmp_path):
     L.seed_everything(0)
     module = SASRecModule({"hidden": 16, "loss": loss}, ks=(5, 10))
     trainer = L.Trainer(max_epochs=2, accelerator="cpu", logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False)
+                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(tmp_path))
     trainer.fit(module, datamodule=synthetic_dm)
     assert module.hparams.loss == loss and module.hparams.model["num_items"] == synthetic_dm.num_items
     assert f"train/loss_{loss}" in trainer.callback_metrics
@@ -226,6 +228,8 @@ def test_tiny_fit_and_test_logs_metrics(synthetic_dm, tmp_path):
             assert f"test/{key}/{subset}" in res
     assert 0.0 <= res["test/recall@10/overall"] <= 1.0
     assert res["test/recall@5/overall"] <= res["test/recall@10/overall"]
+    written = json.loads((tmp_path / "metrics.json").read_text())  # every test stage writes metrics.json
+    assert written["test/recall@10/overall"] == pytest.approx(res["test/recall@10/overall"])
     # recommendations never leave the evaluation catalogue
     batch = next(iter(synthetic_dm.test_dataloader()))
     items, _ = module.recommend(batch["history"])
