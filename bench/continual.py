@@ -44,6 +44,8 @@ def base_config(args, run_dir: str):
         c.sasrec_finetune_stage = dataclasses.replace(c.sasrec_finetune_stage, epochs=max(args.sasrec_epochs // 3, 1))
         c.rqvae_stage = dataclasses.replace(c.rqvae_stage, epochs=args.rqvae_epochs)
         c.tiger_stage = dataclasses.replace(c.tiger_stage, epochs=args.tiger_epochs, lr=2e-3)
+        # 64 codes per level: 3.3k items give each code ~50 items, enough training signal for the CPU-sized TIGER
+        c.rqvae = dataclasses.replace(c.rqvae, codebook_size=args.codebook_size)
         c.tiger_finetune_stage = dataclasses.replace(c.tiger_finetune_stage, epochs=args.finetune_epochs)
         c.finetune_tokenizer_stage = dataclasses.replace(c.finetune_tokenizer_stage, epochs=args.tokenizer_epochs)
     return data, c
@@ -59,6 +61,7 @@ def main() -> dict:
     p.add_argument("--finetune_epochs", type=int, default=8)
     p.add_argument("--tokenizer_epochs", type=int, default=30)
     p.add_argument("--sasrec_epochs", type=int, default=30)
+    p.add_argument("--codebook_size", type=int, default=64, help="RQ-VAE codes per level (CPU size; --full keeps 256)")
     p.add_argument("--workdir", default=None, help="keep run folders here (default: a temporary folder)")
     args = p.parse_args()
     res: dict = {}

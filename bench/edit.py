@@ -70,6 +70,8 @@ def main(argv=None) -> dict:
     p.add_argument("--scale_items", type=int, default=10_000)
     p.add_argument("--ckpt", default=None, help="reuse a trained base TigerModule checkpoint")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    p.add_argument("--lambdas", type=float, nargs="*", default=[],
+                   help="extra λ values: one more edited row each, `edited_lambda<λ>/...` (paper Fig. 7)")
     args = p.parse_args(argv)
 
     import lightning as L
@@ -204,6 +206,15 @@ def main(argv=None) -> dict:
             print(f"{name}: {err}")
         finally:
             cb_a.remove(base)
+    for lam in args.lambdas:  # λ sweep on the same model (C̄0 reused from the cache)
+        name = f"edited_lambda{lam:g}"
+        cb_l = GenRecEditCallback(dataclasses.replace(edit_cfg, cov_cache_dir=str(cache), cov_lambda=lam),
+                                  cold_period=1, embeddings=emb)
+        try:
+            cb_l.apply(base, dm)
+            keep(name, test(base))
+        finally:
+            cb_l.remove(base)
     del edits
 
     # Retrain / Finetune on the same pseudo knowledge (decision 8: same knowledge for every method).

@@ -38,7 +38,8 @@ def train_tiger(args, prepared_dir: str, workdir: str) -> dict:
     sid_path = None
     if args.tokenizer == "rqvae":
         sid_path = train_rqvae(dm, args, workdir)
-    model = TigerModule(cfg, sid_table_path=sid_path, lr=args.lr, warmup_steps=100, num_beams=20, ks=(5, 10, 20))
+    model = TigerModule(cfg, sid_table_path=sid_path, codebook_size=args.codebook_size, lr=args.lr,
+                        warmup_steps=args.warmup_steps, num_beams=20, ks=(5, 10, 20))
     ckpt = ModelCheckpoint(dirpath=workdir, monitor="val/recall@10/overall", mode="max", save_top_k=1)
     trainer = L.Trainer(max_epochs=args.epochs, accelerator="auto", devices=1, logger=False, callbacks=[ckpt],
                         enable_progress_bar=False, num_sanity_val_steps=0, check_val_every_n_epoch=args.val_every,
@@ -64,7 +65,7 @@ def train_rqvae(dm, args, workdir: str) -> str:
     from lightning_modules.rqvae import RQVAEModule
 
     emb = item_embeddings(dm.load(), show_progress=False)
-    module = RQVAEModule(RQVAEConfig(input_dim=emb.shape[1]), warmup_epochs=10)
+    module = RQVAEModule(RQVAEConfig(input_dim=emb.shape[1], codebook_size=args.codebook_size), warmup_epochs=10)
     L.Trainer(max_epochs=args.rqvae_epochs, accelerator="auto", logger=False, enable_checkpointing=False,
               enable_progress_bar=False).fit(module, datamodule=ItemEmbeddingDataModule.from_arrays(emb))
     table = build_sid_table(module.model.eval().get_codes(emb))
@@ -75,9 +76,12 @@ def train_rqvae(dm, args, workdir: str) -> str:
 
 def main() -> dict:
     p = parser(__doc__)
-    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--val_every", type=int, default=5)
     p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--warmup_steps", type=int, default=100)
+    p.add_argument("--codebook_size", type=int, default=64,
+                   help="codes per SID level (64 suits the CPU-sized model on ~3k items; --full uses 256)")
     p.add_argument("--sasrec_epochs", type=int, default=30)
     p.add_argument("--tokenizer", choices=["rkmeans", "rqvae"], default="rkmeans")
     p.add_argument("--rqvae_epochs", type=int, default=200)
@@ -86,6 +90,7 @@ def main() -> dict:
     args = p.parse_args()
     if args.full:
         args.epochs, args.sasrec_epochs = max(args.epochs, 200), max(args.sasrec_epochs, 200)
+        args.codebook_size = 256
     from _baselines import run_baselines
 
     res: dict = {}

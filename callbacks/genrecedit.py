@@ -235,7 +235,7 @@ class GenRecEditCallback(L.Callback):
     def _log(self, trainer, pl_module) -> None:
         if trainer.logger is not None and trainer.is_global_zero:
             trainer.logger.log_metrics(self.metrics, step=trainer.global_step)
-        from lightning_modules.tiger import write_metrics_json
+        from lightning_modules._outputs import write_metrics_json
 
         write_metrics_json(trainer, self.metrics)
 

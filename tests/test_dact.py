@@ -31,15 +31,6 @@ from genrec.tokenizers.rqvae import RQVAE, RQVAEConfig
 from genrec.tokenizers.sid import SemanticIdTable, SuffixOverflowError
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny matmuls: one thread avoids contention on a shared CPU and keeps results reproducible.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def tiny_rqvae(
     seed: int = 0, cf_weight: float = 0.02, n: int = 64
 ) -> tuple[RQVAE, torch.Tensor, torch.Tensor]:

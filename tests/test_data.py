@@ -233,16 +233,14 @@ def write_amazon_2023_mirror(root):
     meta = root / "raw" / "meta_categories"
     meta.mkdir(parents=True)
     with open(meta / "meta_Toys.jsonl", "w") as fh:
-        for asin in "ABCD":
-            fh.write(json.dumps({"parent_asin": asin, "title": f"Toy {asin}", "store": "Acme",
+        fh.writelines(json.dumps({"parent_asin": asin, "title": f"Toy {asin}", "store": "Acme",
                                  "features": ["small", "red"], "categories": ["Toys", "Cars"],
-                                 "description": ["Fun &amp; safe."]}) + "\n")
+                                 "description": ["Fun &amp; safe."]}) + "\n" for asin in "ABCD")
     reviews = root / "raw" / "review_categories"
     reviews.mkdir(parents=True)
     with open(reviews / "Toys.jsonl", "w") as fh:
         for split, rs in rows.items():
-            for u, a, r, t, _ in rs:
-                fh.write(json.dumps({"user_id": u, "parent_asin": a, "rating": r, "timestamp": t}) + "\n")
+            fh.writelines(json.dumps({"user_id": u, "parent_asin": a, "rating": r, "timestamp": t}) + "\n" for u, a, r, t, _ in rs)
 
 
 def test_amazon_2023_reader_on_a_local_mirror_of_the_hub_layout(tmp_path):

@@ -27,12 +27,6 @@ FAST = EditConfig(cov_lambda=10.0, histories_per_item=3, num_neighbours=3, probe
                   layer_mode="fixed", fixed_layers=[0, 0, 0])
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def data_config(root) -> DataConfig:
@@ -212,3 +206,41 @@ def test_continual_hook_reports_next_period(trained):
     # the module is left as it was for period 0's own evaluation
     assert module.edit is None and module.sid_table is table_before
     assert continual_hook(FAST)(runner, 2, module) == {}  # no period after the last one
+
+
+class _RecordingEditCallback(GenRecEditCallback):
+    """Saves each rank's edit set after testing (ddp_spawn ranks live in other processes)."""
+
+    def __init__(self, config: EditConfig, out_dir: str) -> None:
+        super().__init__(config)
+        self.out_dir = out_dir
+
+    def on_test_end(self, trainer, pl_module) -> None:
+        state = {k: v for k, v in self.edits.state_dict().items() if isinstance(v, torch.Tensor)}
+        torch.save({"state": state, "rank0": trainer.is_global_zero, "has_report": self.report is not None},
+                   f"{self.out_dir}/rank{trainer.global_rank}.pt")
+
+
+def test_ddp_two_processes_share_rank0_edits_and_match_single_process(trained, tmp_path):
+    """Under DDP (2 CPU processes, gloo) rank 0 builds the edits and every rank tests with the same ΔW; the
+    edited test metrics equal a single-process run's (each instance counted once)."""
+    module, dm, root = fresh(trained)
+    single_cb = GenRecEditCallback(FAST)
+    single = trainer(root, callbacks=[single_cb]).test(module, datamodule=dm, verbose=False)[0]
+    single_cb.remove(module)
+
+    module, dm, root = fresh(trained)
+    cb = _RecordingEditCallback(FAST, str(tmp_path))
+    ddp = L.Trainer(accelerator="cpu", devices=2, strategy="ddp_spawn", logger=False, enable_progress_bar=False,
+                    enable_model_summary=False, default_root_dir=str(root), enable_checkpointing=False,
+                    callbacks=[cb])
+    res = ddp.test(module, datamodule=dm, verbose=False)[0]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    assert [r["rank0"] for r in ranks] == [True, False] and all(r["has_report"] for r in ranks)
+    assert ranks[0]["state"].keys() == ranks[1]["state"].keys() and ranks[0]["state"]
+    for key, value in ranks[0]["state"].items():
+        assert torch.equal(value, ranks[1]["state"][key]), key
+    for key in ("test/recall@10/cold", "test/recall@10/overall", "test/ndcg@10/warm", "test/count/overall"):
+        if key in single:
+            assert res[key] == pytest.approx(single[key]), key
+    assert res["test/count/overall"] == single["test/count/overall"]

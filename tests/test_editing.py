@@ -32,13 +32,6 @@ from genrec.tokenizers.sid import SemanticIdTable
 N_WARM, N_COLD = 50, 10
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # Tiny matrices: intra-op threads only add contention on a shared CPU.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="module")

@@ -79,10 +79,14 @@ class CachedT5Decoder:
         )
         self.cross_k: list[torch.Tensor] = []
         self.cross_v: list[torch.Tensor] = []
+        # Stored in the layouts the per-step matmuls read (K as (B, H, d, S), V as (B, H, S, d)),
+        # contiguous: otherwise every step would copy them again.
         for block in self.blocks:
             att = block.layer[1].EncDecAttention
-            self.cross_k.append(att.k(enc).view(bsz, src_len, self.num_heads, self.d_kv).transpose(1, 2))
-            self.cross_v.append(att.v(enc).view(bsz, src_len, self.num_heads, self.d_kv).transpose(1, 2))
+            k = att.k(enc).view(bsz, src_len, self.num_heads, self.d_kv)
+            self.cross_k.append(k.permute(0, 2, 3, 1).contiguous())
+            v = att.v(enc).view(bsz, src_len, self.num_heads, self.d_kv)
+            self.cross_v.append(v.transpose(1, 2).contiguous())
         # (H, T, T) causal relative-position bias; step t uses row t, columns 0..t.
         self.self_bias = (
             self.blocks[0].layer[0].SelfAttention.compute_bias(max_steps, max_steps, device=device)[0]
@@ -138,7 +142,7 @@ class CachedT5Decoder:
         x = self._norm(layer.layer_norm, h)
         # Beams of one history are its query positions: (B, H, group, d) against (B, H, S, d).
         q = att.q(x).view(self.batch_size, n // self.batch_size, self.num_heads, self.d_kv).transpose(1, 2)
-        scores = torch.matmul(q, self.cross_k[i].transpose(-1, -2)) + self.cross_bias
+        scores = torch.matmul(q, self.cross_k[i]) + self.cross_bias
         weights = torch.softmax(scores.float(), dim=-1).type_as(scores)
         out = torch.matmul(weights, self.cross_v[i]).transpose(1, 2).reshape(n, self.num_heads * self.d_kv)
         return h + att.o(out)
