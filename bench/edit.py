@@ -183,12 +183,15 @@ def main(argv=None) -> dict:
     cb = GenRecEditCallback(edit_cfg, cold_period=1, embeddings=emb)
     edits = cb.apply(base, dm)
     times = cb.report.times
-    results["seconds/edit"] = sum(v for k, v in times.items() if k not in ("knowledge", "covariance"))
+    results["seconds/edit"] = cb.report.edit_seconds
     results["seconds/covariance"] = times["covariance"]
     results["seconds/knowledge"] = times["knowledge"]
     for p_ in range(4):
         results[f"edit/success_rate/pos{p_}"] = cb.report.success_rate.get(p_, float("nan"))
     results["edit/layers"] = str(cb.report.layers)
+    for name, rates in cb.report.diagnostics.items():  # ΔW efficacy on requests, locality on training rows
+        for p_, v in rates.items():
+            results[f"edit/top1/{name}/pos{p_}"] = v
     keep("edited", test(base))
     cb.remove(base)
 
@@ -200,8 +203,9 @@ def main(argv=None) -> dict:
         try:
             cb_a.apply(base, dm)
             keep(name, test(base))
-            results[f"{name}/seconds/edit"] = sum(v for k, v in cb_a.report.times.items()
-                                                  if k not in ("knowledge", "covariance"))
+            results[f"{name}/seconds/edit"] = cb_a.report.edit_seconds
+            for p_, v in cb_a.report.success_rate.items():  # a position with no successful δ gets no ΔW
+                results[f"{name}/edit/success_rate/pos{p_}"] = v
         except ValueError as err:  # e.g. no true history for any cold item
             print(f"{name}: {err}")
         finally:

@@ -175,6 +175,9 @@ class GenRecEditCallback(L.Callback):
         self.metrics.update({f"edit/seconds/{k}": float(v) for k, v in report.times.items()})
         self.metrics.update({f"edit/success_rate/pos{p}": float(v) for p, v in report.success_rate.items()})
         self.metrics.update({f"edit/layer/pos{p}": float(v) for p, v in report.layers.items()})
+        # efficacy (requests) and locality (training rows): teacher-forced top-1 rate of the target token
+        for name, rates in report.diagnostics.items():
+            self.metrics.update({f"edit/top1/{name}/pos{p}": float(v) for p, v in rates.items()})
         self.activate(module, edits)
         return edits
 

@@ -81,6 +81,10 @@ def test_callback_edits_cold_items_and_checkpoint_round_trip(trained):
                 "edit/success_rate/pos2"):
         assert key in cb.metrics
     assert all(0.0 <= cb.metrics[f"edit/success_rate/pos{p}"] <= 1.0 for p in range(3))
+    # efficacy: ΔW raises the teacher-forced top-1 rate of the requests' target tokens
+    eff = {tag: sum(cb.metrics[f"edit/top1/requests/{tag}/pos{p}"] for p in range(3)) for tag in ("unedited", "edited")}
+    assert eff["edited"] > eff["unedited"]
+    assert "edit/top1/train/edited/pos0" in cb.metrics and "edit/seconds/diagnostics" in cb.metrics
 
     # The cold items' SIDs score higher under the edit on the histories they were edited for.
     emb = item_embeddings(ds, show_progress=False)

@@ -477,3 +477,31 @@ def test_editor_upper_bound_is_flagged(sid_table, train_data):
     with pytest.raises(ValueError, match="eval_history"):
         GenRecEditor(cfg).edit(model, sid_table, cold_items, cold_emb, warm_emb, history, target,
                                warm_items=np.arange(N_WARM))
+
+
+# ------------------------------------------------------------------------------------------ diagnostics
+def test_top1_hits_match_teacher_forced_argmax_with_and_without_edit(sid_table, train_data):
+    """The cached-decoder diagnostic equals argmax over each position's token range of score_with_edit's
+    reference (full recompute, One-One hook) — unedited and edited."""
+    from genrec.editing.diagnostics import top1_hits, top1_rates
+
+    model = tiny_model(sid_table, seed=2)
+    history, target = train_data
+    ids, mask, tokens = _inputs(sid_table, history[:40], target[:40])
+    edits = _random_edits(sid_table, {0: 1, 1: 0, 3: 1}, scale=5.0)
+    offsets, sizes = sid_table.level_offsets(), sid_table.level_sizes()
+    for edit in (None, edits):
+        got = top1_hits(model, ids, mask, tokens, sid_table, edit)
+        want = torch.zeros_like(got)
+        for p in range(tokens.shape[1]):
+            # rank the target among its position's tokens by scoring every candidate token at step p
+            lo, width = int(offsets[p]), int(sizes[p])
+            cands = tokens[:, None, :].repeat(1, width, 1)
+            cands[:, :, p] = torch.arange(lo, lo + width)
+            scores = torch.stack([score_with_edit(model, ids, mask, cands[:, c], edit)[:, p] for c in range(width)], 1)
+            want[:, p] = scores.argmax(1) + lo == tokens[:, p]
+        assert torch.equal(got, want)
+    assert not torch.equal(top1_hits(model, ids, mask, tokens, sid_table, None),
+                           top1_hits(model, ids, mask, tokens, sid_table, edits))
+    rates = top1_rates(model, SidHistoryEncoder(sid_table, 5), history[:40], target[:40], sid_table, None, 16)
+    np.testing.assert_allclose(rates, top1_hits(model, ids, mask, tokens, sid_table).double().mean(0).numpy())

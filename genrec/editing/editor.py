@@ -24,6 +24,7 @@ from torch import nn
 
 from genrec.editing.closed_form import KeyResidualStats, solve_update
 from genrec.editing.covariance import model_fingerprint, preserved_covariances
+from genrec.editing.diagnostics import top1_rates
 from genrec.editing.edits import PositionEdits
 from genrec.editing.keys import (
     HistoryEncoder,
@@ -47,7 +48,7 @@ from genrec.editing.probe import LAYER_MODES, choose_layers, probe_accuracy_matr
 from genrec.editing.values import VALUE_PROFILES, ValueConfig, optimise_values
 from genrec.tokenizers.sid import SemanticIdTable
 
-PHASES = ("knowledge", "keys", "probe", "values", "covariance", "solve")
+PHASES = ("knowledge", "keys", "probe", "values", "covariance", "solve", "diagnostics")
 NEIGHBOUR_POOLS = ("train_targets", "given")
 
 
@@ -105,6 +106,9 @@ class EditConfig:
     value_batch_size: int = 2048
     cov_batch_size: int = 1280
     neighbour_batch_size: int = 4096
+    diagnostic_rows: int = 1000
+    """Edit requests and training rows sampled for the efficacy/locality report (0 = skip; timed separately as
+    ``diagnostics``, not part of the edit)."""
 
     def __post_init__(self) -> None:
         checks = [
@@ -147,9 +151,18 @@ class EditReport:
     leaks_eval: bool
     covariance: dict
     config: dict
+    # Teacher-forced top-1 rate of the target token per position (``genrec.editing.diagnostics``), before/after:
+    # on sampled requests (efficacy of ΔW) and on sampled training rows (locality). Empty when skipped.
+    diagnostics: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @property
+    def edit_seconds(self) -> float:
+        """Time of the edit proper (decision 8): every phase except knowledge preparation, the reusable C̄0
+        and the diagnostics."""
+        return float(sum(v for k, v in self.times.items() if k not in ("knowledge", "covariance", "diagnostics")))
 
 
 class _Timers:
@@ -374,6 +387,16 @@ class GenRecEditor:
                 "seed": cfg.seed,
             },
         )
+        diagnostics: dict = {}
+        if cfg.diagnostic_rows > 0 and edits.one_one and edits.positions:
+            with timers("diagnostics"):
+                req = _subsample(len(knowledge), cfg.diagnostic_rows, cfg.seed + 7)
+                tr = _subsample(len(train_target), cfg.diagnostic_rows, cfg.seed + 8)
+                for name, hist, items in (("requests", knowledge.histories[req], knowledge.items[req]),
+                                          ("train", train_history[tr], train_target[tr])):
+                    for tag, e in (("unedited", None), ("edited", edits)):
+                        rates = top1_rates(model, encoder, hist, items, sid_table, e, cfg.key_batch_size)
+                        diagnostics[f"{name}/{tag}"] = {int(p): float(r) for p, r in enumerate(rates)}
         report = EditReport(
             times=dict(timers.times),
             layers={int(p): int(layer) for p, layer in layers.items()},
@@ -386,5 +409,6 @@ class GenRecEditor:
             leaks_eval=knowledge.leaks_eval,
             covariance=cov_info,
             config=asdict(cfg),
+            diagnostics=diagnostics,
         )
         return edits, report
