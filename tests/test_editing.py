@@ -421,7 +421,9 @@ def test_editor_end_to_end_raises_cold_item_scores(sid_table, train_data):
     assert np.array(report.probe_accuracy).shape == (2, 4)
     assert report.layers == {p: int(np.argmax(np.array(report.probe_accuracy)[:, p])) for p in range(4)}
     assert all(0.0 <= r <= 1.0 for r in report.success_rate.values()) and min(report.success_rate.values()) > 0.5
-    assert set(report.times) == {"knowledge", "keys", "probe", "values", "covariance", "solve"}
+    assert set(report.times) == {"knowledge", "keys", "probe", "values", "covariance", "solve", "diagnostics"}
+    assert report.edit_seconds == pytest.approx(sum(report.times[k] for k in ("keys", "probe", "values", "solve")))
+    assert set(report.diagnostics) == {"requests/unedited", "requests/edited", "train/unedited", "train/edited"}
     assert report.knowledge["num_histories"] == sum(report.num_requests.values()) / 4
     np.testing.assert_array_equal(edits.cold_items, cold_items)
     # The edit raises the cold SIDs' likelihood on the pseudo histories it was built from.
