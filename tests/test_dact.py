@@ -31,20 +31,17 @@ from genrec.tokenizers.rqvae import RQVAE, RQVAEConfig
 from genrec.tokenizers.sid import SemanticIdTable, SuffixOverflowError
 
 
+def tiny_rqvae_config(seed: int, cf_weight: float, hidden: int = 12, codebook_size: int = 8) -> RQVAEConfig:
+    """16-d inputs, 4-d latent, 2 levels: small enough for CPU tests, big enough to have drift and collisions."""
+    return RQVAEConfig(input_dim=16, hidden_dims=(hidden,), latent_dim=4, num_levels=2, codebook_size=codebook_size,
+                       cf_weight=cf_weight, kmeans_seed=seed)
+
+
 def tiny_rqvae(
     seed: int = 0, cf_weight: float = 0.02, n: int = 64
 ) -> tuple[RQVAE, torch.Tensor, torch.Tensor]:
     torch.manual_seed(seed)
-    cfg = RQVAEConfig(
-        input_dim=16,
-        hidden_dims=(12,),
-        latent_dim=4,
-        num_levels=2,
-        codebook_size=8,
-        cf_weight=cf_weight,
-        kmeans_seed=seed,
-    )
-    model = RQVAE(cfg)
+    model = RQVAE(tiny_rqvae_config(seed, cf_weight))
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, 16, generator=g)
     cf = torch.randn(n, 4, generator=g)
@@ -420,16 +417,7 @@ def drift_toy(seed: int = 0, n: int = 256):
     drift = torch.randperm(n, generator=g)[: n // 4]
     cf1[drift] = torch.randn(len(drift), 4, generator=g) * cf0.std()
     torch.manual_seed(seed)
-    cfg = RQVAEConfig(
-        input_dim=16,
-        hidden_dims=(32,),
-        latent_dim=4,
-        num_levels=2,
-        codebook_size=16,
-        cf_weight=1.0,
-        kmeans_seed=seed,
-    )
-    model = RQVAE(cfg)
+    model = RQVAE(tiny_rqvae_config(seed, cf_weight=1.0, hidden=32, codebook_size=16))
     model.init_codebooks_kmeans(x)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     for _ in range(100):
