@@ -69,9 +69,14 @@ def main(argv=None) -> dict:
     p.add_argument("--scale", action="store_true", help="only the 10,000-cold-item scaling run")
     p.add_argument("--scale_items", type=int, default=10_000)
     p.add_argument("--ckpt", default=None, help="reuse a trained base TigerModule checkpoint")
+    p.add_argument("--save_ckpt", default=None, help="save the trained base model here (reuse with --ckpt)")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     p.add_argument("--skip_ablations", action="store_true", help="no ablation / upper-bound rows")
     p.add_argument("--skip_baselines", action="store_true", help="no retrain / finetune rows (and no time ratio)")
+    p.add_argument("--cov_lambda", type=float, default=None,
+                   help="λ of the edited row and the ablations (default: EditConfig's, the paper's 3000)")
+    p.add_argument("--histories_per_item", type=int, default=None,
+                   help="pseudo histories per cold item (default: EditConfig's, 10)")
     p.add_argument("--lambdas", type=float, nargs="*", default=[],
                    help="extra λ values: one more edited row each, `edited_lambda<λ>/...` (paper Fig. 7)")
     args = p.parse_args(argv)
@@ -117,14 +122,17 @@ def main(argv=None) -> dict:
                          enable_model_summary=False, enable_checkpointing=False, num_sanity_val_steps=0,
                          limit_val_batches=0, default_root_dir="/tmp/genrec_bench_edit", **kw)
 
-    def timed_fit(module, loader_or_dm, max_epochs):
+    def timed_fit(module, loader_or_dm, max_epochs, save_to=None):
         t = trainer(max_epochs)
         start = time.perf_counter()
         if isinstance(loader_or_dm, SequenceDataModule):
             t.fit(module, datamodule=loader_or_dm)
         else:
             t.fit(module, train_dataloaders=loader_or_dm)
-        return time.perf_counter() - start
+        seconds = time.perf_counter() - start
+        if save_to:
+            t.save_checkpoint(save_to)
+        return seconds
 
     def test(module) -> dict:
         kw = {"limit_test_batches": args.max_test_batches} if args.max_test_batches else {}
@@ -137,13 +145,19 @@ def main(argv=None) -> dict:
         base = TigerModule.load_from_checkpoint(args.ckpt, map_location="cpu", weights_only=True)
     else:
         base = make_module()
-        results["seconds/train_base"] = timed_fit(base, dm, epochs)
+        results["seconds/train_base"] = timed_fit(base, dm, epochs, save_to=args.save_ckpt)
     state = {k: v.detach().clone() for k, v in base.state_dict().items()}
     table = base.sid_table
     train = dm.split(TRAIN, dm.seen_periods)
     warm = np.unique(train.target)
     cold = np.setdiff1d(ds.new_items(1), warm)
     edit_cfg = EditConfig(seed=args.seed + 2024)
+    if args.cov_lambda is not None:
+        edit_cfg = dataclasses.replace(edit_cfg, cov_lambda=args.cov_lambda)
+    if args.histories_per_item is not None:
+        edit_cfg = dataclasses.replace(edit_cfg, histories_per_item=args.histories_per_item)
+    results["config/cov_lambda"] = edit_cfg.cov_lambda
+    results["config/histories_per_item"] = edit_cfg.histories_per_item
 
     if args.scale:
         # 10,000 synthetic cold items: fresh SIDs (unique suffixes) and embeddings near random warm items.

@@ -26,6 +26,7 @@ from genrec.editing import (
 )
 from genrec.editing.covariance import model_fingerprint
 from genrec.editing.keys import capture_wo, collect_keys, decoder_inputs, encode, ffn_out_proj
+from genrec.editing.probe import _fit_logistic, probe_accuracies, probe_accuracy_matrix
 from genrec.models.tiger import TigerConfig, build_tiger
 from genrec.tokenizers.sid import SemanticIdTable
 
@@ -312,6 +313,27 @@ def test_delta_optimisation_makes_model_emit_chosen_token(sid_table, train_data,
         assert torch.equal(logits[:, p].argmax(-1), chosen)
 
 
+@pytest.mark.parametrize("p,layer", [(0, 0), (2, 0), (3, 1)])
+def test_cached_delta_optimisation_equals_full_recompute(sid_table, train_data, p, layer):
+    # The KV-cached path (prefix and blocks <= layer once, blocks above per Adam step) must follow the same
+    # trajectory as the reference path that re-runs the whole teacher-forced decoder with a hook.
+    model = tiny_model(sid_table, seed=3)
+    history, target = train_data
+    ids, mask, tokens = _inputs(sid_table, history[:16], target[:16])
+    dec = decoder_inputs(tokens, p + 1)
+    model.eval()
+    with torch.no_grad():
+        enc = encode(model, ids, mask)
+    chosen = (tokens[:, p] + 5) % 40 + 1
+    cfg = ValueConfig(profile="clean")
+    fast = optimise_values(model, enc, mask, dec, chosen, [p], layer, p, cfg, use_cache=True)
+    ref = optimise_values(model, enc, mask, dec, chosen, [p], layer, p, cfg, use_cache=False)
+    torch.testing.assert_close(fast.z0, ref.z0, rtol=1e-5, atol=1e-5)
+    assert torch.equal(fast.success_step, ref.success_step)
+    assert fast.success.any()
+    torch.testing.assert_close(fast.delta, ref.delta, rtol=1e-3, atol=1e-3)
+
+
 def test_delta_never_checked_fails():
     with pytest.raises(ValueError, match="profile"):
         ValueConfig(profile="other")
@@ -333,6 +355,30 @@ def test_probe_picks_planted_layer():
     assert r == choose_layers("random", [0, 1, 2, 3], 3, seed=5) and set(r.values()) <= {0, 1, 2}
     tie = np.array([[0.8], [0.8], [0.1]])
     assert choose_layers("probe", [0], 3, tie) == {0: 0}  # ties → lower layer
+
+
+def test_joint_probe_fit_equals_separate_fits():
+    # One L-BFGS run over all sites must reach each site's own optimum (same rows, same split per site).
+    g = torch.Generator().manual_seed(1)
+    pos = torch.randn(5, 200, 12, generator=g)
+    neg = torch.randn(5, 180, 12, generator=g)
+    for i in range(5):
+        pos[i, :, i] += 0.4 * i  # increasingly separable sites
+    joint = probe_accuracies(pos, neg, seed=3)
+    separate = torch.tensor([probe_accuracy(pos[i], neg[i], seed=3) for i in range(5)], dtype=torch.float64)
+    torch.testing.assert_close(joint, separate)
+    assert joint[4] > joint[0]
+    # The Newton fit is the optimum of mean BCE + l2·‖θ‖² (zero gradient, bias unpenalised).
+    x = torch.cat([pos[:, :150], neg[:, :150]], dim=1).double()
+    y = torch.cat([torch.ones(150), torch.zeros(150)]).double()
+    w = _fit_logistic(x, y, l2=1e-3, max_iter=100).requires_grad_(True)
+    z = torch.einsum("pnd,pd->pn", x, w[:, :-1]) + w[:, -1:]
+    obj = torch.nn.functional.binary_cross_entropy_with_logits(z, y.expand_as(z), reduction="none").mean(1)
+    (obj + 1e-3 * w[:, :-1].square().sum(1)).sum().backward()
+    assert w.grad.abs().max() < 1e-8
+    matrix = probe_accuracy_matrix({(layer, 0): pos[layer] for layer in range(5)},
+                                   {(layer, 0): neg[layer] for layer in range(5)}, 5, [0], seed=3)
+    np.testing.assert_allclose(matrix[:, 0], joint.numpy())
 
 
 # ------------------------------------------------------------------------------------------ knowledge

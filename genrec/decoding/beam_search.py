@@ -56,6 +56,7 @@ class CachedT5Decoder:
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor,
         max_steps: int,
+        enc_hidden: torch.Tensor | None = None,
     ) -> None:
         cfg = model.config
         self.model = model
@@ -66,11 +67,14 @@ class CachedT5Decoder:
         self.output_scale = cfg.d_model**-0.5
         self.gated = bool(cfg.is_gated_act)
         device = model.lm_head.weight.device
-        input_ids = input_ids.to(device)
         attention_mask = attention_mask.to(device)
-        self.batch_size = input_ids.shape[0]
+        self.batch_size = attention_mask.shape[0]
 
-        enc = model.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        if enc_hidden is None:
+            enc_hidden = model.encoder(
+                input_ids=input_ids.to(device), attention_mask=attention_mask
+            ).last_hidden_state
+        enc = enc_hidden
         dtype = enc.dtype
         bsz, src_len, _ = enc.shape
         # Additive mask as in HF's eager path: 0 for real tokens, dtype-min for padding.
@@ -194,6 +198,26 @@ class CachedT5Decoder:
             self.self_k[i], self.self_v[i] = k, v
         self.steps_done = t + 1
         return self._logits(h if h_edit is None else h_edit)
+
+    def step_to_layer(self, tokens: torch.Tensor, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run the next position through blocks ``0..layer`` without touching the cache.
+
+        Returns the residual stream after block ``layer`` and that block's ``wo`` input (the GenRecEdit key).
+        With :meth:`logits_from_layer` this evaluates an edit at (layer, this step) many times over one
+        unedited prefix: the δ optimisation runs only the blocks above the edited one.
+        """
+        t = self.steps_done
+        h = self.model.decoder.embed_tokens(tokens.to(self.cross_bias.device))
+        for i in range(layer + 1):
+            h, key = self._block(i, h, t, False, {})
+        return h, key
+
+    def logits_from_layer(self, h: torch.Tensor, layer: int) -> torch.Tensor:
+        """(N, V) logits of the next position from the residual stream ``h`` after block ``layer``."""
+        t = self.steps_done
+        for i in range(layer + 1, len(self.blocks)):
+            h, _ = self._block(i, h, t, False, {})
+        return self._logits(h)
 
     def reorder(self, rows: torch.Tensor, group: int) -> None:
         """Keep cache rows ``rows`` (length B * group, grouped by history) for the next step."""

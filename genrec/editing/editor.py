@@ -291,14 +291,20 @@ class GenRecEditor:
 
         # ------------------------------------------------------------- layer location
         accuracy = None
+        # Encoder outputs of every request, kept from the probe pass when it saw all of them (then the value
+        # loop does not encode again); bounded by probe_max_per_class rows.
+        encoded: list | None = None
         if cfg.layer_mode in ("probe", "worst"):
             req_rows = _subsample(len(knowledge), cfg.probe_max_per_class, cfg.seed)
-            train_rows = _subsample(len(train_target), cfg.probe_max_per_class, cfg.seed + 1)
+            # The probe balances classes, so more negatives than positives would never be used.
+            train_rows = _subsample(len(train_target), len(req_rows), cfg.seed + 1)
             sites = [(layer, p) for p in positions_probe for layer in range(n_layers)]
+            encoded = [] if len(req_rows) == len(knowledge) else None
             # One pass for all sites: the encoder (the bulk of the cost) runs once per sampled row.
             with timers("keys"):
                 pos_keys = collect_keys(
-                    model, encoder, knowledge.histories[req_rows], request_tokens[req_rows], sites, cfg.key_batch_size
+                    model, encoder, knowledge.histories[req_rows], request_tokens[req_rows], sites,
+                    cfg.key_batch_size, encoded=encoded,
                 )
                 neg_keys = collect_keys(
                     model, encoder, train_history[train_rows], train_tokens[train_rows], sites, cfg.key_batch_size
@@ -318,14 +324,18 @@ class GenRecEditor:
         n_req = {p: 0 for p in layers}
         n_ok = {p: 0 for p in layers}
         sid_len = request_tokens.shape[1]
+        if encoded is None:
+            encoded = [(slice(s, s + cfg.value_batch_size), None, None)
+                       for s in range(0, len(knowledge), cfg.value_batch_size)]
         with eval_mode(model), torch.inference_mode(False):
-            for start in range(0, len(knowledge), cfg.value_batch_size):
-                rows = slice(start, start + cfg.value_batch_size)
+            for rows, attention_mask, enc_hidden in encoded:
                 with timers("keys"), torch.no_grad():
-                    input_ids, attention_mask = encoder(knowledge.histories[rows])
-                    input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+                    input_ids, mask = encoder(knowledge.histories[rows])
+                    input_ids = input_ids.to(device)
+                    if enc_hidden is None:
+                        attention_mask = mask.to(device)
+                        enc_hidden = encode(model, input_ids, attention_mask)
                     tokens = torch.as_tensor(request_tokens[rows], dtype=torch.long, device=device)
-                    enc_hidden = encode(model, input_ids, attention_mask)
                     full_dec = decoder_inputs(tokens, sid_len)
                     # Object-wise edits key on step 0 (subject = the whole history).
                     key_sites = [(layers[p], p if cfg.position_wise else 0) for p in layers]
@@ -345,7 +355,7 @@ class GenRecEditor:
                         stats[p].add(keys[ok], result.delta[ok])
                     n_req[p] += len(ok)
                     n_ok[p] += int(ok.sum())
-                say(f"values: {min(start + cfg.value_batch_size, len(knowledge))}/{len(knowledge)} histories")
+                say(f"values: {min(rows.stop, len(knowledge))}/{len(knowledge)} histories")
 
         # ------------------------------------------------------------- C̄0 and the solve
         cov_sites = [(layer, p if cfg.position_wise else 0) for p, layer in layers.items() if n_ok[p] > 0]

@@ -124,11 +124,13 @@ def iter_key_batches(
     sites: Iterable[Site],
     batch_size: int,
     with_values: bool = False,
+    encoded: list | None = None,
 ) -> Iterator[tuple[slice, dict[Site, tuple[torch.Tensor, torch.Tensor | None]]]]:
     """Teacher-forced key capture over rows in batches: yields (row slice, {site: (keys, values)}).
 
     ``histories`` (n, N) items are turned into encoder inputs by ``history_encoder``; ``sid_tokens`` (n, L+1)
-    are the targets whose prefix is fed to the decoder. Tensors stay on the model's device.
+    are the targets whose prefix is fed to the decoder. Tensors stay on the model's device. When ``encoded`` is
+    a list, ``(rows, attention_mask, encoder output)`` of every batch is appended to it for reuse.
     """
     sites = sorted(set(sites))
     length = max(t for _, t in sites) + 1
@@ -138,13 +140,19 @@ def iter_key_batches(
         rows = slice(start, min(start + batch_size, n))
         input_ids, attention_mask = history_encoder(histories[rows])
         tokens = torch.as_tensor(sid_tokens[rows], dtype=torch.long, device=device)
+        input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+        with torch.no_grad(), eval_mode(model):
+            enc_hidden = encode(model, input_ids, attention_mask)
+        if encoded is not None:
+            encoded.append((rows, attention_mask, enc_hidden))
         found = capture_wo(
             model,
-            input_ids.to(device),
-            attention_mask.to(device),
+            input_ids,
+            attention_mask,
             decoder_inputs(tokens, length),
             sites,
             with_values=with_values,
+            enc_hidden=enc_hidden,
         )
         yield rows, found
 
@@ -156,11 +164,13 @@ def collect_keys(
     sid_tokens,
     sites: Iterable[Site],
     batch_size: int,
+    encoded: list | None = None,
 ) -> dict[Site, torch.Tensor]:
     """Keys (n, d_ff) at each site for every row, gathered on the CPU in float32 (for the probe)."""
     sites = sorted(set(sites))
     out: dict[Site, list[torch.Tensor]] = {s: [] for s in sites}
-    for _, found in iter_key_batches(model, history_encoder, histories, sid_tokens, sites, batch_size):
+    batches = iter_key_batches(model, history_encoder, histories, sid_tokens, sites, batch_size, encoded=encoded)
+    for _, found in batches:
         for s in sites:
             out[s].append(found[s][0].float().cpu())
     return {s: torch.cat(v) if v else torch.zeros(0) for s, v in out.items()}

@@ -1,8 +1,12 @@
 """Target values by δ optimisation (specs/genrecedit.md §4, decision 5).
 
 For each request an independent δ_i ∈ R^{d_model} is added to the ``wo`` output of the edit layer at the edit
-step only (a forward hook over a full teacher-forced recompute, so earlier steps keep their unedited states —
-the One-One semantics). Loss per request (reference ``genrecedit/editor.py``):
+step only, so earlier steps keep their unedited states (the One-One semantics). Position-wise requests (loss on
+the edit step alone) run the unedited prefix and the blocks up to the edit layer once, through the KV-cached
+decoder, and each Adam step recomputes only the blocks above the edit layer for one token (spec §4.2: "an
+unedited KV prefix plus a single-token step"). The object-wise ablation, whose loss spans later steps that attend
+to the edited state, uses a forward hook over a full teacher-forced recompute (also available for any request
+with ``use_cache=False``; the two are tested equal). Loss per request (reference ``genrecedit/editor.py``):
 
     −log max(softmax(logits)[o], 1e-12)  +  β · ‖δ_i‖ / (‖z_i⁰‖ + 1e-8)
 
@@ -16,13 +20,15 @@ produced the successful forward.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from genrec.editing.keys import decoder_logits, eval_mode, wo_hooks
+from genrec.decoding.beam_search import CachedT5Decoder
+from genrec.editing.keys import decoder_logits, eval_mode, ffn_out_proj, wo_hooks
 
 VALUE_PROFILES = ("released", "clean")
 
@@ -58,6 +64,45 @@ class ValueResult:
     z0: torch.Tensor  # (b, d_model) unedited wo output at the edit site
 
 
+def _site_forward(model, enc_hidden, attention_mask, decoder_input_ids, layer: int, edit_step: int):
+    """(δ ↦ (b, 1, V) logits of ``edit_step``, z⁰): unedited prefix and blocks ≤ layer computed once, cached."""
+    with torch.no_grad():
+        dec = CachedT5Decoder(model, None, attention_mask, max_steps=edit_step + 1, enc_hidden=enc_hidden)
+        for t in range(edit_step):
+            dec.step(decoder_input_ids[:, t])
+        h, key = dec.step_to_layer(decoder_input_ids[:, edit_step], layer)
+        z0 = ffn_out_proj(model, layer)(key).float()
+
+    def forward(delta: torch.Tensor) -> torch.Tensor:
+        return dec.logits_from_layer(h + delta.to(h.dtype), layer)[:, None]
+
+    return forward, z0
+
+
+def _hooked_forward(model, enc_hidden, attention_mask, decoder_input_ids, layer: int, edit_step: int, loss_steps):
+    """Full teacher-forced recompute with δ hooked into (layer, edit_step); returns (forward, z⁰, hook-context)."""
+    with torch.no_grad():
+        z0 = {}
+
+        def grab(module, inputs, output):
+            z0["z0"] = output[:, edit_step].float().clone()
+
+        with wo_hooks(model, {layer: grab}):
+            decoder_logits(model, enc_hidden, attention_mask, decoder_input_ids[:, : edit_step + 1])
+    current: dict[str, torch.Tensor] = {}
+
+    def hook(module, inputs, output):
+        out = output.clone()
+        out[:, edit_step] = out[:, edit_step] + current["delta"].to(out.dtype)
+        return out
+
+    def forward(delta: torch.Tensor) -> torch.Tensor:
+        current["delta"] = delta
+        return decoder_logits(model, enc_hidden, attention_mask, decoder_input_ids)[:, loss_steps]
+
+    return forward, z0["z0"], wo_hooks(model, {layer: hook})
+
+
 def optimise_values(
     model: nn.Module,
     enc_hidden: torch.Tensor,
@@ -68,6 +113,7 @@ def optimise_values(
     layer: int,
     edit_step: int,
     config: ValueConfig | None = None,
+    use_cache: bool = True,
 ) -> ValueResult:
     """Optimise one δ per row so that ``argmax logits[:, loss_steps] == targets`` (b, len(loss_steps)).
 
@@ -81,15 +127,24 @@ def optimise_values(
     device = enc_hidden.device
     d_model = model.config.d_model
     delta = torch.zeros(b, d_model, device=device, requires_grad=True)
-    z0: dict[str, torch.Tensor] = {}
+    with eval_mode(model):
+        if use_cache and list(loss_steps) == [edit_step]:
+            forward, z0 = _site_forward(model, enc_hidden, attention_mask, decoder_input_ids, layer, edit_step)
+            hooks = contextlib.nullcontext()
+        else:
+            forward, z0, hooks = _hooked_forward(
+                model, enc_hidden, attention_mask, decoder_input_ids, layer, edit_step, list(loss_steps)
+            )
+        with hooks:
+            stored, success_step = _adam(forward, delta, z0, targets, cfg)
+    return ValueResult(delta=stored, success=success_step >= 0, success_step=success_step, z0=z0)
 
-    def hook(module, inputs, output):
-        if "z0" not in z0:
-            z0["z0"] = output[:, edit_step].detach().float().clone()
-        out = output.clone()
-        out[:, edit_step] = out[:, edit_step] + delta.to(out.dtype)
-        return out
 
+def _adam(forward, delta: torch.Tensor, z0: torch.Tensor, targets: torch.Tensor, cfg: ValueConfig):
+    """The reference's Adam loop with success checks; returns (stored δ, success step or −1)."""
+    b, d_model = delta.shape
+    device = delta.device
+    z0_norm = z0.norm(dim=1) + 1e-8
     opt = torch.optim.Adam([delta], lr=cfg.lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.steps, eta_min=cfg.lr_min)
     active = torch.ones(b, dtype=torch.bool, device=device)
@@ -98,12 +153,12 @@ def optimise_values(
     checks = set(cfg.check_steps)
     log_floor = math.log(1e-12)
 
-    with eval_mode(model), wo_hooks(model, {layer: hook}), torch.enable_grad():
+    with torch.enable_grad():
         for t in range(cfg.steps):
-            logits = decoder_logits(model, enc_hidden, attention_mask, decoder_input_ids)[:, loss_steps].float()
+            logits = forward(delta).float()
             logp = torch.log_softmax(logits, dim=-1).gather(-1, targets[..., None]).squeeze(-1)
             ce = -logp.clamp_min(log_floor).sum(dim=1)
-            reg = cfg.beta * delta.norm(dim=1) / (z0["z0"].norm(dim=1) + 1e-8)
+            reg = cfg.beta * delta.norm(dim=1) / z0_norm
             loss = ((ce + reg) * active).sum()
             newly = torch.zeros_like(active)
             if t in checks:
@@ -124,4 +179,4 @@ def optimise_values(
                 active &= ~newly
             if not active.any():
                 break
-    return ValueResult(delta=stored, success=success_step >= 0, success_step=success_step, z0=z0["z0"])
+    return stored, success_step
