@@ -26,6 +26,7 @@ from genrec.editing import (
 )
 from genrec.editing.covariance import model_fingerprint
 from genrec.editing.keys import capture_wo, collect_keys, decoder_inputs, encode, ffn_out_proj
+from genrec.editing.knowledge import NOTEBOOK_EXTRA
 from genrec.editing.probe import _fit_logistic, probe_accuracies, probe_accuracy_matrix
 from genrec.models.tiger import TigerConfig, build_tiger
 from genrec.tokenizers.sid import SemanticIdTable
@@ -433,6 +434,38 @@ def test_pseudo_histories_are_prefixes_deduplicated_and_seeded():
         pseudo_knowledge(np.array([5]), np.array([[5, 6]]), train_history, train_target)
 
 
+def test_notebook_policy_keeps_longest_prefixes_and_perturbs_them():
+    p = -1
+    train_history = np.array(
+        [
+            [p, p, p, p, p, p, 3],  # → 5, length 1
+            [p, p, p, 1, 2, 3, 4],  # → 5, length 4
+            [p, p, p, p, p, p, p],  # → 5, empty: allowed by the notebook policy
+            [p, 1, 2, 3, 4, 6, 7],  # → 6, length 6
+        ]
+    )
+    train_target = np.array([5, 5, 5, 6])
+    know = pseudo_knowledge(np.array([100]), np.array([[5, 6]]), train_history, train_target, 3, seed=0,
+                            policy="notebook")
+    assert know.histories.shape == (3, 7 + NOTEBOOK_EXTRA) and know.stats["policy"] == "notebook"
+    assert list(know.source_rows) == [3, 1, 0]  # longest prefixes first; the empty one is not needed
+    for h, row in zip(know.histories, know.source_rows):
+        seq = [x for x in h if x >= 0]
+        n = (train_history[row] >= 0).sum()
+        assert len(seq) == n + 2 - min(2, (n + 2) // 4) + 1  # +2 neighbours, −deleted, +1 cold item
+        assert 100 in seq[: len(seq) // 2 + 1]  # the cold item sits in the first half
+        assert (h[: len(h) - len(seq)] == -1).all()  # left-padded
+        assert set(seq) <= set(train_history[row][train_history[row] >= 0]) | {100, train_target[row]}
+    again = pseudo_knowledge(np.array([100]), np.array([[5, 6]]), train_history, train_target, 3, seed=0,
+                             policy="notebook")
+    assert np.array_equal(know.histories, again.histories)
+    empty = pseudo_knowledge(np.array([100]), np.array([[5, -1]]), train_history[2:3], train_target[2:3], 3,
+                             policy="notebook")
+    assert sorted(x for x in empty.histories[0] if x >= 0) == [5, 5, 100]
+    with pytest.raises(ValueError, match="policy"):
+        pseudo_knowledge(np.array([100]), np.array([[5, 6]]), train_history, train_target, policy="other")
+
+
 def test_position_requests_and_upper_bound(sid_table):
     eval_history = np.array([[-1, 1, 2], [-1, -1, 3], [-1, -1, -1], [4, 5, 6]])
     eval_target = np.array([55, 2, 55, 56])
@@ -508,6 +541,18 @@ def test_editor_ablations(sid_table, train_data, overrides):
     with edits.activate(model):
         pass
     assert all(torch.equal(ffn_out_proj(model, layer).weight, w[layer]) for layer in (0, 1))
+
+
+def test_object_wise_edit_at_top_layer_warns(sid_table, train_data):
+    # A δ after the top block's FFN at step 0 never reaches later steps (they read step 0 through K/V computed
+    # before that FFN): the user is told instead of silently getting no successful request.
+    model = tiny_model(sid_table)
+    cold_items, cold_emb, warm_emb, history, target = _editor_inputs(sid_table, train_data)
+    cfg = EditConfig(cov_lambda=1.0, histories_per_item=2, num_neighbours=2, max_history_items=5,
+                     position_wise=False, layer_mode="fixed", fixed_layers=[1], diagnostic_rows=0)
+    with pytest.warns(UserWarning, match="top decoder layer 1"):
+        GenRecEditor(cfg).edit(model, sid_table, cold_items, cold_emb, warm_emb, history, target,
+                               warm_items=np.arange(N_WARM))
 
 
 def test_editor_upper_bound_is_flagged(sid_table, train_data):

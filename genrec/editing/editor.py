@@ -14,6 +14,7 @@ worst / fixed, ``knowledge="upper_bound"`` (true histories, leaks by design), ``
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -38,6 +39,7 @@ from genrec.editing.keys import (
 )
 from genrec.editing.knowledge import (
     KNOWLEDGE_SOURCES,
+    PSEUDO_POLICIES,
     EditKnowledge,
     SidHistoryEncoder,
     nearest_neighbours,
@@ -63,6 +65,10 @@ class EditConfig:
     """Pseudo histories per cold item (``number_knowledge``; paper Fig. 6 sweeps it; Scripts/edit.sh uses 10)."""
     num_neighbours: int = 10
     """k warm neighbours by text cosine (``topk`` of prepare_edit_data.py)."""
+    pseudo_policy: str = "script"
+    """``script``: the released prepare_edit_data.py (history cut before a neighbour's occurrence, canonical);
+    ``notebook``: the reference notebook's generator (longest prefixes, neighbour inserted twice, ≤ 2 items
+    deleted, the cold item inserted in the first half) — request keys then differ from the training rows'."""
     neighbour_pool: str = "train_targets"
     """``train_targets``: the given warm items that occur as training targets (only they yield histories; the
     paper's I_warm); ``given``: every given warm item (closer to the released pool I_trainSeq)."""
@@ -116,6 +122,7 @@ class EditConfig:
             ("layer_mode", self.layer_mode, LAYER_MODES),
             ("value_profile", self.value_profile, VALUE_PROFILES),
             ("neighbour_pool", self.neighbour_pool, NEIGHBOUR_POOLS),
+            ("pseudo_policy", self.pseudo_policy, PSEUDO_POLICIES),
         ]
         for name, value, allowed in checks:
             if value not in allowed:
@@ -230,7 +237,8 @@ class GenRecEditor:
         )
         neighbours = np.where(index >= 0, warm_items[np.clip(index, 0, None)] if len(warm_items) else -1, -1)
         knowledge = pseudo_knowledge(
-            cold_items, neighbours, train_history, train_target, cfg.histories_per_item, cfg.seed
+            cold_items, neighbours, train_history, train_target, cfg.histories_per_item, cfg.seed,
+            policy=cfg.pseudo_policy,
         )
         knowledge.stats["neighbour_pool_size"] = len(warm_items)
         valid = np.isfinite(sims)
@@ -316,6 +324,15 @@ class GenRecEditor:
             del pos_keys, neg_keys
         layers = choose_layers(cfg.layer_mode, positions_probe, n_layers, accuracy, cfg.fixed_layers, cfg.seed)
         say(f"layers: {layers}")
+        if not cfg.position_wise and len(positions) > 1 and layers[0] == n_layers - 1:
+            # Later steps read step 0 only through self-attention K/V, which the top block computes from its
+            # input, before the FFN: a δ there cannot move positions > 0.
+            warnings.warn(
+                f"object-wise edit at the top decoder layer {layers[0]}: its δ cannot move SID positions > 0, so "
+                "only requests the model already gets right there can succeed; choose a lower layer "
+                "(layer_mode='fixed', fixed_layers=[l])",
+                stacklevel=2,
+            )
 
         # ------------------------------------------------------------- keys + values, streamed
         vcfg = self.config.value_config()

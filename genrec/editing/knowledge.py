@@ -28,6 +28,8 @@ from genrec.models.tiger import encode_histories
 from genrec.tokenizers.sid import SemanticIdTable
 
 KNOWLEDGE_SOURCES = ("pseudo", "upper_bound")
+PSEUDO_POLICIES = ("script", "notebook")
+NOTEBOOK_EXTRA = 3  # the notebook policy lengthens a history by at most 3 items (2 neighbours + the cold item)
 
 
 def _check_history(history: np.ndarray, target: np.ndarray, name: str) -> tuple[np.ndarray, np.ndarray]:
@@ -154,14 +156,22 @@ def pseudo_knowledge(
     histories_per_item: int = 10,
     seed: int = 0,
     chunk_size: int = 1024,
+    policy: str = "script",
 ) -> EditKnowledge:
     """Pseudo histories of each cold item from its neighbours' occurrences as training targets.
 
     ``neighbours`` (c, k) holds warm *item ids* (-1 = none) for ``cold_items`` (c,). Vectorised with an inverted
     index target → training rows (the released script looped over occurrences × cold items); cold items are
-    processed ``chunk_size`` at a time so the candidate arrays stay bounded. Each cold item keeps the
-    ``histories_per_item`` distinct histories of lowest seeded priority: a uniform draw without replacement.
+    processed ``chunk_size`` at a time so the candidate arrays stay bounded.
+
+    ``policy="script"`` (released ``prepare_edit_data.py``, canonical): the history before a neighbour's occurrence
+    (never empty); each cold item keeps ``histories_per_item`` distinct histories of lowest seeded priority, a
+    uniform draw without replacement. ``policy="notebook"`` (the reference's exploratory notebook, spec §2.2):
+    empty prefixes allowed, the longest distinct prefixes are kept (ties by seeded priority) and each is then
+    perturbed by :func:`notebook_perturb`; histories are ``NOTEBOOK_EXTRA`` columns wider than ``train_history``.
     """
+    if policy not in PSEUDO_POLICIES:
+        raise ValueError(f"policy must be one of {PSEUDO_POLICIES}, got {policy!r}")
     cold_items = np.asarray(cold_items, dtype=np.int64)
     neighbours = np.asarray(neighbours, dtype=np.int64)
     train_history, train_target = _check_history(train_history, train_target, "train")
@@ -176,7 +186,8 @@ def pseudo_knowledge(
     _, hist_id = np.unique(train_history, axis=0, return_inverse=True)
     hist_id = hist_id.reshape(-1).astype(np.int64)
     n_hist = int(hist_id.max()) + 1 if len(hist_id) else 1
-    non_empty = (train_history >= 0).any(axis=1)
+    lengths = (train_history >= 0).sum(axis=1)
+    usable = lengths > 0 if policy == "script" else np.ones(len(lengths), dtype=bool)
     order = np.argsort(train_target, kind="stable")
     sorted_targets = train_target[order]
 
@@ -193,13 +204,15 @@ def pseudo_knowledge(
         group_start = np.repeat(np.cumsum(counts) - counts, counts)
         rows = order[np.repeat(lo, counts) + (np.arange(total) - group_start)]
         cold_idx = np.repeat(np.repeat(np.arange(c0, c0 + len(nb) // max(k, 1)), k), counts)
-        keep = non_empty[rows]
+        keep = usable[rows]
         rows, cold_idx = rows[keep], cold_idx[keep]
         n_candidates += len(rows)
         _, first = np.unique(cold_idx * n_hist + hist_id[rows], return_index=True)
         rows, cold_idx = rows[first], cold_idx[first]
         n_unique += len(rows)
-        by = np.lexsort((_priority(seed, cold_items[cold_idx], hist_id[rows]), cold_idx))
+        prio = _priority(seed, cold_items[cold_idx], hist_id[rows])
+        # lexsort: last key first — per cold item, (longest first for the notebook policy), then priority.
+        by = np.lexsort((prio, -lengths[rows], cold_idx) if policy == "notebook" else (prio, cold_idx))
         rows, cold_idx = rows[by], cold_idx[by]
         rank = np.arange(len(rows)) - np.searchsorted(cold_idx, cold_idx, side="left")
         chosen = rank < histories_per_item
@@ -218,10 +231,14 @@ def pseudo_knowledge(
         "mean_histories_per_item": float(per_item.mean()) if len(per_item) else 0.0,
         "histories_per_item": int(histories_per_item),
         "seed": int(seed),
+        "policy": policy,
     }
+    histories = train_history[rows]
+    if policy == "notebook":
+        histories = notebook_perturb(histories, train_target[rows], cold_items[cold_idx], seed)
     return EditKnowledge(
         items=cold_items[cold_idx],
-        histories=train_history[rows],
+        histories=histories,
         source="pseudo",
         leaks_eval=False,
         cold_items=cold_items,
@@ -229,6 +246,27 @@ def pseudo_knowledge(
         source_rows=rows,
         stats=stats,
     )
+
+
+def notebook_perturb(histories: np.ndarray, neighbours: np.ndarray, cold_items: np.ndarray, seed: int) -> np.ndarray:
+    """The notebook generator's edits of a prefix (spec §2.2, our reading of its order of operations).
+
+    For each row: insert its neighbour twice at random positions, delete min(2, ⌊len/4⌋) random items, insert
+    the cold item at a random position in the first half. Rows are (m, N) left-padded with -1; the result is
+    (m, N + NOTEBOOK_EXTRA), left-padded. Seeded: the same inputs give the same histories.
+    """
+    rng = np.random.default_rng(seed)
+    m, width = histories.shape
+    out = np.full((m, width + NOTEBOOK_EXTRA), -1, dtype=np.int64)
+    for i in range(m):
+        seq = [int(x) for x in histories[i] if x >= 0]
+        for _ in range(2):
+            seq.insert(int(rng.integers(len(seq) + 1)), int(neighbours[i]))
+        for _ in range(min(2, len(seq) // 4)):
+            del seq[int(rng.integers(len(seq)))]
+        seq.insert(int(rng.integers(len(seq) // 2 + 1)), int(cold_items[i]))
+        out[i, out.shape[1] - len(seq) :] = seq
+    return out
 
 
 def true_history_knowledge(
