@@ -4,10 +4,11 @@
         [--cold_period P] [--items FILE] [--edit.cov_lambda 1000] [--output_dir DIR]
 
 Loads the TigerModule (``load_from_checkpoint(..., weights_only=True)``; the checkpoint carries its SID table),
-evaluates the unedited model on the cold period's test instances, edits the cold items in (``GenRecEditCallback``:
-items new in the period that the model never had as a training target, or the ids in ``--items``), evaluates
-again, and writes ``edits.pt`` (``PositionEdits.save``), ``report.json`` (the editor's report) and ``metrics.json``
-(``unedited/test/...``, ``edited/test/...``, ``seconds/edit``, ``seconds/covariance``, ``edit/...``).
+evaluates the unedited model on the cold period's validation and test instances, edits the cold items in
+(``GenRecEditCallback``: items new in the period that the model never had as a training target, or the ids in
+``--items``), evaluates again, and writes ``edits.pt`` (``PositionEdits.save``), ``report.json`` (the editor's
+report) and ``metrics.json`` (``unedited/{val,test}/...``, ``edited/{val,test}/...``, ``seconds/edit``,
+``seconds/covariance``, ``edit/...``). Choose λ or the pseudo-history policy on ``val``, report ``test``.
 """
 
 from __future__ import annotations
@@ -67,13 +68,15 @@ def parser():
     return p
 
 
-def _test(module, dm, root: Path, accelerator: str) -> dict:
+def _evaluate(module, dm, root: Path, accelerator: str) -> dict:
+    """``val/…`` (the cold period's validation split: select λ / policy on these) and ``test/…`` metrics."""
     import lightning as L
 
     trainer = L.Trainer(accelerator=accelerator, devices=1, logger=False, enable_progress_bar=False,
                         enable_model_summary=False, enable_checkpointing=False, default_root_dir=str(root))
-    res = trainer.test(module, datamodule=dm, verbose=False)[0]
-    return {k: float(v) for k, v in res.items() if k.startswith("test/")}
+    res = dict(trainer.validate(module, datamodule=dm, verbose=False)[0])
+    res.update(trainer.test(module, datamodule=dm, verbose=False)[0])
+    return {k: float(v) for k, v in res.items() if k.startswith(("val/", "test/"))}
 
 
 def run(cfg, data: DataConfig, edit: EditConfig) -> dict:
@@ -93,7 +96,8 @@ def run(cfg, data: DataConfig, edit: EditConfig) -> dict:
         raise ValueError(f"checkpoint {cfg.ckpt_path} carries no SID table (expected checkpoint['sid_table'])")
     metrics: dict[str, float] = {}
     if cfg.evaluate_unedited:
-        metrics.update({f"unedited/{k}": v for k, v in _test(module, dm, out / "unedited", cfg.accelerator).items()})
+        before = _evaluate(module, dm, out / "unedited", cfg.accelerator)
+        metrics.update({f"unedited/{k}": v for k, v in before.items()})
     items_file = cfg["items"]  # (Namespace.items is a method)
     items = read_items(items_file) if items_file else None
     cb = GenRecEditCallback(edit, cold_period=cold_period, items=items)
@@ -104,7 +108,7 @@ def run(cfg, data: DataConfig, edit: EditConfig) -> dict:
     metrics["seconds/covariance"] = float(times["covariance"])
     metrics["seconds/knowledge"] = float(times["knowledge"])
     metrics.update({k: v for k, v in cb.metrics.items()})
-    metrics.update({f"edited/{k}": v for k, v in _test(module, dm, out / "edited", cfg.accelerator).items()})
+    metrics.update({f"edited/{k}": v for k, v in _evaluate(module, dm, out / "edited", cfg.accelerator).items()})
     edits.save(out / "edits.pt")
     (out / "report.json").write_text(json.dumps(cb.report.to_dict(), indent=1, default=str))
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1, sort_keys=True))

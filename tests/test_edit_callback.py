@@ -248,3 +248,24 @@ def test_ddp_two_processes_share_rank0_edits_and_match_single_process(trained, t
         if key in single:
             assert res[key] == pytest.approx(single[key]), key
     assert res["test/count/overall"] == single["test/count/overall"]
+
+
+def test_edit_command_reports_val_and_test_before_and_after(trained, tmp_path):
+    # `genrec edit` end to end on a checkpoint: validation metrics (for choosing λ / the policy) and test metrics,
+    # before and after, the edit time, and the saved edit set that reloads onto the checkpoint.
+    import json
+
+    from runners.edit import parser, run
+
+    root, ckpt = trained
+    cfg = parser().parse_args(["--ckpt_path", str(ckpt), "--output_dir", str(tmp_path / "out"), "--cold_period", "1",
+                               "--prepared_dir", str(root / "prep"), "--accelerator", "cpu"])
+    metrics = run(cfg, data_config(root), dataclasses.replace(FAST, diagnostic_rows=0))
+    for tag in ("unedited", "edited"):
+        for split in ("val", "test"):
+            assert 0.0 <= metrics[f"{tag}/{split}/recall@10/overall"] <= 1.0
+    assert metrics["seconds/edit"] > 0
+    assert json.loads((tmp_path / "out" / "metrics.json").read_text()) == pytest.approx(metrics)
+    module = TigerModule.load_from_checkpoint(ckpt, weights_only=True)
+    edits = PositionEdits.load(tmp_path / "out" / "edits.pt", module.sid_table.content_hash())
+    assert edits.positions and edits.cov_lambda == FAST.cov_lambda
