@@ -232,32 +232,28 @@ def main(argv=None) -> dict:
     keep("edited", test(base))
     cb.remove(base)
 
-    # Ablations and upper bound (C̄0 cached across them: same model, same training rows).
+    # Ablations, upper bound and the λ sweep on the same model (C̄0 cached across them: same training rows).
     cache = Path("/tmp/genrec_bench_edit/cov_cache")
-    for name, overrides in ({} if args.skip_ablations else ABLATIONS).items():
-        cb_a = GenRecEditCallback(dataclasses.replace(edit_cfg, cov_cache_dir=str(cache), **overrides),
+
+    def edit_row(name: str, **overrides) -> None:
+        cb_x = GenRecEditCallback(dataclasses.replace(edit_cfg, cov_cache_dir=str(cache), **overrides),
                                   cold_period=1, items=cold, embeddings=emb)
         try:
-            cb_a.apply(base, dm)
+            cb_x.apply(base, dm)
             keep(name, test(base))
-            results[f"{name}/seconds/edit"] = cb_a.report.edit_seconds
-            for p_, v in cb_a.report.success_rate.items():  # a position with no successful δ gets no ΔW
+            results[f"{name}/seconds/edit"] = cb_x.report.edit_seconds
+            for p_, v in cb_x.report.success_rate.items():  # a position with no successful δ gets no ΔW
                 results[f"{name}/edit/success_rate/pos{p_}"] = v
-            keep_diagnostics(name, cb_a.report)
+            keep_diagnostics(name, cb_x.report)
         except ValueError as err:  # e.g. no true history for any cold item
             print(f"{name}: {err}")
         finally:
-            cb_a.remove(base)
-    for lam in args.lambdas:  # λ sweep on the same model (C̄0 reused from the cache)
-        name = f"edited_lambda{lam:g}"
-        cb_l = GenRecEditCallback(dataclasses.replace(edit_cfg, cov_cache_dir=str(cache), cov_lambda=lam),
-                                  cold_period=1, items=cold, embeddings=emb)
-        try:
-            cb_l.apply(base, dm)
-            keep(name, test(base))
-            keep_diagnostics(name, cb_l.report)
-        finally:
-            cb_l.remove(base)
+            cb_x.remove(base)
+
+    for name, overrides in ({} if args.skip_ablations else ABLATIONS).items():
+        edit_row(name, **overrides)
+    for lam in args.lambdas:  # paper Fig. 7
+        edit_row(f"edited_lambda{lam:g}", cov_lambda=lam)
     del edits
 
     if args.skip_baselines:

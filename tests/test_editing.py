@@ -551,8 +551,35 @@ def test_object_wise_edit_at_top_layer_warns(sid_table, train_data):
     cfg = EditConfig(cov_lambda=1.0, histories_per_item=2, num_neighbours=2, max_history_items=5,
                      position_wise=False, layer_mode="fixed", fixed_layers=[1], diagnostic_rows=0)
     with pytest.warns(UserWarning, match="top decoder layer 1"):
-        GenRecEditor(cfg).edit(model, sid_table, cold_items, cold_emb, warm_emb, history, target,
-                               warm_items=np.arange(N_WARM))
+        _, report = GenRecEditor(cfg).edit(model, sid_table, cold_items, cold_emb, warm_emb, history, target,
+                                           warm_items=np.arange(N_WARM))
+    assert report.layers == {0: 1} and report.probe_positions == [0]
+    # The reason, checked directly: a large δ on the top block's wo output at step 0 leaves later steps' logits
+    # unchanged, while the same δ one block lower moves them.
+    ids, mask, tokens = _inputs(sid_table, history[:8], target[:8])
+    dec = decoder_inputs(tokens, tokens.shape[1])
+    model.eval()
+    with torch.no_grad():
+        enc = encode(model, ids, mask)
+        base = model(encoder_outputs=(enc,), attention_mask=mask, decoder_input_ids=dec).logits
+
+    def shifted(layer):
+        def add(module, inputs, output):
+            out = output.clone()
+            out[:, 0] += 50.0
+            return out
+
+        handle = ffn_out_proj(model, layer).register_forward_hook(add)
+        try:
+            with torch.no_grad():
+                return model(encoder_outputs=(enc,), attention_mask=mask, decoder_input_ids=dec).logits
+        finally:
+            handle.remove()
+
+    top, lower = shifted(1), shifted(0)
+    assert not torch.allclose(top[:, 0], base[:, 0])
+    torch.testing.assert_close(top[:, 1:], base[:, 1:])
+    assert not torch.allclose(lower[:, 1:], base[:, 1:])
 
 
 def test_editor_upper_bound_is_flagged(sid_table, train_data):

@@ -347,16 +347,14 @@ class GenRecEditor:
         with eval_mode(model), torch.inference_mode(False):
             for rows, attention_mask, enc_hidden in encoded:
                 with timers("keys"), torch.no_grad():
-                    input_ids, mask = encoder(knowledge.histories[rows])
-                    input_ids = input_ids.to(device)
-                    if enc_hidden is None:
-                        attention_mask = mask.to(device)
+                    if enc_hidden is None:  # not kept from the probe pass
+                        input_ids, attention_mask = (t.to(device) for t in encoder(knowledge.histories[rows]))
                         enc_hidden = encode(model, input_ids, attention_mask)
                     tokens = torch.as_tensor(request_tokens[rows], dtype=torch.long, device=device)
                     full_dec = decoder_inputs(tokens, sid_len)
                     # Object-wise edits key on step 0 (subject = the whole history).
                     key_sites = [(layers[p], p if cfg.position_wise else 0) for p in layers]
-                    found = capture_wo(model, input_ids, attention_mask, full_dec, key_sites, enc_hidden=enc_hidden)
+                    found = capture_wo(model, None, attention_mask, full_dec, key_sites, enc_hidden=enc_hidden)
                 for p, layer in layers.items():
                     if cfg.position_wise:
                         dec, targets, loss_steps, edit_step = full_dec[:, : p + 1], tokens[:, p], [p], p

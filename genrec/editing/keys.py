@@ -75,7 +75,7 @@ def decoder_inputs(sid_tokens: torch.Tensor, length: int) -> torch.Tensor:
 @torch.no_grad()
 def capture_wo(
     model: nn.Module,
-    input_ids: torch.Tensor,
+    input_ids: torch.Tensor | None,
     attention_mask: torch.Tensor,
     decoder_input_ids: torch.Tensor,
     sites: Iterable[Site],
@@ -83,6 +83,8 @@ def capture_wo(
     enc_hidden: torch.Tensor | None = None,
 ) -> dict[Site, tuple[torch.Tensor, torch.Tensor | None]]:
     """Keys (b, d_ff) and optionally values (b, d_model) of ``wo`` at each (layer, step) site, one forward.
+
+    ``input_ids`` may be None when the encoder output ``enc_hidden`` is given.
 
     Runs the unedited model in eval mode. ``decoder_input_ids`` must be longer than the largest step.
     """

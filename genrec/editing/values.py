@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from genrec.decoding.beam_search import CachedT5Decoder
-from genrec.editing.keys import decoder_logits, eval_mode, ffn_out_proj, wo_hooks
+from genrec.editing.keys import capture_wo, decoder_logits, eval_mode, ffn_out_proj, wo_hooks
 
 VALUE_PROFILES = ("released", "clean")
 
@@ -81,14 +81,9 @@ def _site_forward(model, enc_hidden, attention_mask, decoder_input_ids, layer: i
 
 def _hooked_forward(model, enc_hidden, attention_mask, decoder_input_ids, layer: int, edit_step: int, loss_steps):
     """Full teacher-forced recompute with δ hooked into (layer, edit_step); returns (forward, z⁰, hook-context)."""
-    with torch.no_grad():
-        z0 = {}
-
-        def grab(module, inputs, output):
-            z0["z0"] = output[:, edit_step].float().clone()
-
-        with wo_hooks(model, {layer: grab}):
-            decoder_logits(model, enc_hidden, attention_mask, decoder_input_ids[:, : edit_step + 1])
+    site = (layer, edit_step)
+    z0 = capture_wo(model, None, attention_mask, decoder_input_ids, [site], with_values=True,
+                    enc_hidden=enc_hidden)[site][1].float()
     current: dict[str, torch.Tensor] = {}
 
     def hook(module, inputs, output):
@@ -100,7 +95,7 @@ def _hooked_forward(model, enc_hidden, attention_mask, decoder_input_ids, layer:
         current["delta"] = delta
         return decoder_logits(model, enc_hidden, attention_mask, decoder_input_ids)[:, loss_steps]
 
-    return forward, z0["z0"], wo_hooks(model, {layer: hook})
+    return forward, z0, wo_hooks(model, {layer: hook})
 
 
 def optimise_values(
