@@ -7,15 +7,13 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
+from genrec.errors import DataError  # noqa: F401  (re-exported: the data layer's error)
+
 # Official split labels (timestamp protocol); -1 = no label.
 SPLIT_CODES = {"train": 0, "valid": 1, "test": 2, "history_only": 3}
 SPLIT_NAMES = {v: k for k, v in SPLIT_CODES.items()}
 
 ITEM_TEXT_FIELDS = ("title", "brand", "categories", "description")
-
-
-class DataError(ValueError):
-    """Bad input data; the message names the file, row and field and what was expected."""
 
 
 def require_columns(df: pd.DataFrame, required: tuple[str, ...], source: str) -> None:
