@@ -32,6 +32,7 @@ import torch
 from genrec.data.splits import TEST, TRAIN
 from genrec.editing import EditConfig, EditReport, GenRecEditor, PositionEdits, SidTableMismatchError
 from genrec.editing.keys import ffn_out_proj
+from genrec.errors import ConfigError
 from genrec.tokenizers.reassign import reassign
 from genrec.tokenizers.sid import SemanticIdTable
 
@@ -147,6 +148,9 @@ class GenRecEditCallback(L.Callback):
             from genrec.data.pipeline import item_embeddings
 
             emb = item_embeddings(ds, show_progress=False)
+        if module.cfg.num_user_tokens > 0:
+            raise ConfigError("GenRecEdit does not support a TIGER with user tokens (model.num_user_tokens > 0): "
+                              "its pseudo histories have no user")
         table = self.ensure_sids(module, datamodule, cold, emb)
         cfg = dataclasses.replace(self.config, max_history_items=module.cfg.max_history_items)
         world = trainer.world_size if trainer is not None else 1
@@ -238,9 +242,8 @@ class GenRecEditCallback(L.Callback):
     def _log(self, trainer, pl_module) -> None:
         if trainer.logger is not None and trainer.is_global_zero:
             trainer.logger.log_metrics(self.metrics, step=trainer.global_step)
-        from lightning_modules._outputs import write_metrics_json
-
-        write_metrics_json(trainer, self.metrics)
+        # part of this test run's metrics.json (written once, by the module, at the end of the test epoch)
+        pl_module.extra_test_metrics.update(self.metrics)
 
     def on_fit_start(self, trainer, pl_module) -> None:
         self.finish(pl_module)

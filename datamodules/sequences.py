@@ -2,27 +2,17 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import lightning as L
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
 from genrec.data.config import DataConfig
-from genrec.data.pipeline import PreparedDataset, prepare
+from genrec.data.pipeline import PreparedDataset, load_or_prepare
+from genrec.errors import ConfigError, DataError
 from genrec.data.splits import TEST, TRAIN, VALID, Instances
 
 SUBSETS = ("overall", "warm", "cold", "new")
-
-
-def load_or_prepare(data: DataConfig, prepared_dir: str | None) -> PreparedDataset:
-    if prepared_dir and (Path(prepared_dir) / "meta.json").exists():
-        return PreparedDataset.load(prepared_dir)
-    ds = prepare(data)
-    if prepared_dir:
-        ds.save(prepared_dir)
-    return ds
 
 
 def subset_masks(inst: Instances, train_targets: np.ndarray) -> np.ndarray:
@@ -52,7 +42,9 @@ class SequenceDataModule(L.LightningDataModule):
 
     Args:
         data: Data source and protocol (see ``genrec prepare --help``).
-        prepared_dir: Prepared dataset folder; loaded if it exists, else prepared and written there.
+        prepared_dir: Prepared dataset folder (a cache): loaded if it was prepared from the same data settings and
+            unchanged source files, prepared and written there if absent; any other content is an error.
+        overwrite_prepared: Re-prepare ``prepared_dir`` even if it holds a prepared folder of ours.
         train_periods: Periods whose train instances are trained on (default: [0]).
         eval_period: Period whose valid/test instances are evaluated (default: the last train period).
         seen_periods: Periods whose train targets the model has learned (warm/cold reference; default:
@@ -66,6 +58,7 @@ class SequenceDataModule(L.LightningDataModule):
         self,
         data: DataConfig | None = None,
         prepared_dir: str | None = None,
+        overwrite_prepared: bool = False,
         train_periods: list[int] | None = None,
         eval_period: int | None = None,
         seen_periods: list[int] | None = None,
@@ -76,6 +69,7 @@ class SequenceDataModule(L.LightningDataModule):
         super().__init__()
         self.data = data or DataConfig()
         self.prepared_dir = prepared_dir
+        self.overwrite_prepared = overwrite_prepared
         self.train_periods = list(train_periods) if train_periods is not None else [0]
         self.eval_period = eval_period if eval_period is not None else max(self.train_periods)
         self.seen_periods = list(seen_periods) if seen_periods is not None else self.train_periods
@@ -86,11 +80,12 @@ class SequenceDataModule(L.LightningDataModule):
     # the dataset is needed at model construction time (catalogue size, SIDs), so it is loadable eagerly
     def load(self) -> PreparedDataset:
         if self.dataset is None:
-            self.dataset = load_or_prepare(self.data, self.prepared_dir)
+            self.dataset = load_or_prepare(self.data, self.prepared_dir, self.overwrite_prepared)
             n_periods = self.dataset.num_periods
             bad = [p for p in self.train_periods + [self.eval_period] if not 0 <= p < n_periods]
             if bad:
-                raise ValueError(f"periods {bad} do not exist: the dataset has periods 0..{n_periods - 1}")
+                raise ConfigError(f"data periods {bad} do not exist: the dataset has periods 0..{n_periods - 1} "
+                                  "(train_periods / eval_period / seen_periods)")
         return self.dataset
 
     def setup(self, stage: str | None = None) -> None:
@@ -111,6 +106,10 @@ class SequenceDataModule(L.LightningDataModule):
         """Items the model was trained to predict (the warm set)."""
         return np.unique(self.split(TRAIN, self.seen_periods).target)
 
+    def tokenizer_periods(self) -> list[int]:
+        """Periods whose items a tokenizer fitted for this model may see (train ∪ seen; never the future)."""
+        return sorted(set(self.train_periods) | set(self.seen_periods))
+
     def eval_instances(self, split: int) -> Instances:
         return self.split(split, [self.eval_period])
 
@@ -125,7 +124,7 @@ class SequenceDataModule(L.LightningDataModule):
     def train_dataloader(self):
         inst = self.train_instances()
         if len(inst) == 0:
-            raise ValueError(f"no train instances in periods {self.train_periods}")
+            raise DataError(f"no train instances in periods {self.train_periods}")
         ds = InstanceDataset(inst, subset_masks(inst, self.train_targets()))
         return DataLoader(ds, batch_size=self.batch_size, shuffle=True, num_workers=self.num_workers, drop_last=False)
 

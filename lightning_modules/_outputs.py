@@ -2,20 +2,18 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
+from genrec.files import atomic_write_json
 
-def write_metrics_json(trainer, values: dict) -> None:
-    """Every stage writes metrics.json with the logged keys (rank 0, in the logger's or default root dir)."""
+
+def write_metrics_json(trainer, values: dict) -> Path | None:
+    """Every test stage writes ``metrics.json`` with exactly its own logged keys (rank 0; in the logger's or the
+    default root dir), replacing an earlier evaluation's file as a whole; empty subsets (NaN) are null."""
     if trainer is None:
-        return
+        return None
     # Trainer.log_dir broadcasts under DDP: every rank must ask for it, or rank 0 waits forever.
     root = Path(trainer.log_dir or trainer.default_root_dir)
     if not trainer.is_global_zero:
-        return
-    root.mkdir(parents=True, exist_ok=True)
-    path = root / "metrics.json"
-    old = json.loads(path.read_text()) if path.exists() else {}
-    old.update(values)
-    path.write_text(json.dumps(old, indent=1, sort_keys=True))
+        return None
+    return atomic_write_json(root / "metrics.json", values)

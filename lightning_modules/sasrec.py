@@ -15,8 +15,10 @@ import lightning as L
 import numpy as np
 import torch
 
+from genrec.errors import CheckpointError, ConfigError
 from genrec.metrics import RankingMetrics
 from genrec.models.sasrec import SASRec, SASRecConfig
+from lightning_modules._catalogue import CatalogueBound
 from lightning_modules._hparams import save_plain_hparams
 from lightning_modules._outputs import write_metrics_json
 
@@ -55,7 +57,7 @@ def item_metric_values(metrics: RankingMetrics) -> dict[str, torch.Tensor]:
     return {k: v for k, v in metrics.compute().items() if not any(t in k for t in _SID_ONLY)}
 
 
-class SASRecModule(L.LightningModule):
+class SASRecModule(CatalogueBound, L.LightningModule):
     """Trains and evaluates a ``SASRec``.
 
     Args:
@@ -85,7 +87,7 @@ class SASRecModule(L.LightningModule):
             model = SASRecConfig(**model)
         model = model or SASRecConfig()
         if not ks or min(ks) < 1:
-            raise ValueError(f"ks must be positive cut-offs, got {ks}")
+            raise ConfigError(f"model.ks: expected positive metric cut-offs, got {list(ks)}")
         # plain-dict hparams (checkpoints load with weights_only=True); `loss` recorded on its own for sweeps
         save_plain_hparams(self, 
             {
@@ -125,7 +127,10 @@ class SASRecModule(L.LightningModule):
             self.model = SASRec(self.cfg).to(self.device)
             self._build_metrics()
         elif num_items is not None and num_items != self.cfg.num_items:
-            raise ValueError(f"datamodule has {num_items} items, the model was built for {self.cfg.num_items}")
+            raise CheckpointError(f"the data has {num_items} items, the SASRec model was built for "
+                                  f"{self.cfg.num_items}: use the data it was trained on")
+        if dm is not None and hasattr(dm, "load"):
+            self.bind_catalogue(dm.load())
         n = self.cfg.num_items
         if dm is not None and hasattr(dm, "catalogue"):
             self.eval_item_mask = self._mask(dm.catalogue(), n)
@@ -134,6 +139,12 @@ class SASRecModule(L.LightningModule):
         ):
             known = dm.load().catalogue_until(max(dm.train_periods))
             self.train_item_mask = self._mask(known, n)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        self.save_catalogue(checkpoint)
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.load_catalogue(checkpoint)
 
     def _mask(self, items: np.ndarray, n: int) -> torch.Tensor:
         mask = torch.zeros(n, dtype=torch.bool, device=self.device)

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
+from typing import Literal
 
 import lightning as L
 import numpy as np
@@ -11,10 +11,12 @@ import torch
 
 from genrec.decoding.beam_search import constrained_beam_search
 from genrec.decoding.trie import SidTrie
+from genrec.errors import CheckpointError, ConfigError
 from genrec.metrics import RankingMetrics
 from genrec.models.ffn_edit import FFNEdit
 from genrec.models.tiger import TigerConfig, build_tiger
 from genrec.tokenizers.sid import PAD_TOKEN, SemanticIdTable
+from lightning_modules._catalogue import CatalogueBound
 from lightning_modules._hparams import save_plain_hparams
 from lightning_modules._outputs import write_metrics_json
 
@@ -26,13 +28,14 @@ def item_token_matrix(table: SemanticIdTable, num_items: int) -> torch.Tensor:
     return torch.from_numpy(out)
 
 
-class TigerModule(L.LightningModule):
+class TigerModule(CatalogueBound, L.LightningModule):
     """TIGER recommender.
 
     Args:
         model: T5 architecture.
         sid_table_path: Parquet SID table (from the RQ-VAE or residual k-means). None: build one at setup with residual
-            k-means over the datamodule's item text embeddings.
+            k-means fitted on the text embeddings of the items known by the end of the datamodule's training
+            periods only (later items are coded by inference: the tokenizer never sees the future).
         num_levels: Residual levels L of the SID table (fixes the vocabulary before the table is loaded).
         codebook_size: Codes per level K.
         suffix_size: Collision-suffix values.
@@ -40,7 +43,7 @@ class TigerModule(L.LightningModule):
         weight_decay: AdamW weight decay.
         warmup_steps: Linear warm-up steps.
         scheduler: ``cosine`` | ``linear`` decay after warm-up, or ``constant``.
-        grad_clip: Gradient-norm clip (applied by the module so configs need no trainer field).
+        grad_clip: Gradient-norm clip (used when the Trainer sets no ``gradient_clip_val``).
         num_beams: Beam width of evaluation decoding.
         ks: Cut-offs of the ranking metrics.
         constrained: Trie-constrained decoding (decision 4); False only as an explicit ablation.
@@ -57,7 +60,7 @@ class TigerModule(L.LightningModule):
         lr: float = 1e-3,
         weight_decay: float = 0.01,
         warmup_steps: int = 200,
-        scheduler: str = "cosine",
+        scheduler: Literal["cosine", "linear", "constant"] = "cosine",
         grad_clip: float = 1.0,
         num_beams: int = 20,
         ks: tuple[int, ...] = (5, 10, 20),
@@ -65,8 +68,13 @@ class TigerModule(L.LightningModule):
         rkmeans_iters: int = 50,
     ):
         super().__init__()
+        if not ks or min(ks) < 1:
+            raise ConfigError(f"model.ks: expected positive metric cut-offs, got {list(ks)}")
         if num_beams < max(ks):
-            raise ValueError(f"num_beams ({num_beams}) must be at least the largest metric cut-off max(ks) = {max(ks)}")
+            raise ConfigError(f"model.num_beams ({num_beams}) must be at least the largest metric cut-off "
+                              f"max(ks) = {max(ks)}")
+        if scheduler not in ("cosine", "linear", "constant"):
+            raise ConfigError(f"model.scheduler: expected cosine, linear or constant, got {scheduler!r}")
         if isinstance(model, dict):
             model = TigerConfig(**model)
         self.cfg = model or TigerConfig()
@@ -77,7 +85,7 @@ class TigerModule(L.LightningModule):
                                    "warmup_steps": warmup_steps, "scheduler": scheduler, "grad_clip": grad_clip,
                                    "num_beams": num_beams, "ks": list(ks), "constrained": constrained,
                                    "rkmeans_iters": rkmeans_iters})
-        self.vocab_size = 1 + num_levels * codebook_size + suffix_size
+        self.vocab_size = 1 + num_levels * codebook_size + suffix_size  # SID tokens; user tokens follow them
         self.t5 = build_tiger(self.cfg, self.vocab_size)
         self.sid_table: SemanticIdTable | None = None
         self.trie: SidTrie | None = None
@@ -87,6 +95,7 @@ class TigerModule(L.LightningModule):
         self.val_metrics = RankingMetrics(ks=self.ks, sid_length=num_levels + 1)
         self.test_metrics = RankingMetrics(ks=self.ks, sid_length=num_levels + 1)
         self.predictions: list[dict] = []
+        self.extra_test_metrics: dict[str, float] = {}  # e.g. the GenRecEdit callback's edit report
 
     # ------------------------------------------------------------------ SIDs
     def set_sid_table(self, table: SemanticIdTable, catalogue: np.ndarray | None = None, num_items: int | None = None):
@@ -114,11 +123,13 @@ class TigerModule(L.LightningModule):
         dm, catalogue, num_items = self._catalogue_of_datamodule()
         if self.sid_table is None and getattr(self.trainer, "ckpt_path", None):
             return  # the checkpoint about to be restored carries the SID table (on_load_checkpoint)
+        if dm is not None and hasattr(dm, "load"):
+            self.bind_catalogue(dm.load())  # refuses data other than what restored weights were trained on
         if self.sid_table is None:
             if self.hparams.sid_table_path:
                 table = SemanticIdTable.load(self.hparams.sid_table_path)
             elif dm is not None and hasattr(dm, "load"):
-                table = build_sid_table_rkmeans(dm.load(), self.hparams)
+                table = build_sid_table_rkmeans(dm.load(), self.hparams, dm.tokenizer_periods())
             else:
                 raise ValueError("TigerModule needs sid_table_path or a SequenceDataModule to build SIDs from")
             self.set_sid_table(table, catalogue, num_items)
@@ -126,6 +137,7 @@ class TigerModule(L.LightningModule):
             self.set_sid_table(self.sid_table, catalogue, num_items)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        self.save_catalogue(checkpoint)
         t = self.sid_table
         checkpoint["sid_table"] = {"items": torch.from_numpy(t.items), "codes": torch.from_numpy(t.codes),
                                    "suffix": torch.from_numpy(t.suffix),
@@ -138,31 +150,41 @@ class TigerModule(L.LightningModule):
             table = SemanticIdTable(s["items"].numpy(), s["codes"].numpy(), s["suffix"].numpy(),
                                     int(s["codebook_size"]), int(s["suffix_size"]))
             if table.content_hash() != s["hash"]:
-                raise ValueError("checkpoint SID table hash mismatch")
+                raise CheckpointError("checkpoint SID table hash mismatch (the checkpoint is corrupt)")
+            self.load_catalogue(checkpoint)
             # restrict decoding to the attached datamodule's catalogue, exactly as setup() does
             _, catalogue, num_items = self._catalogue_of_datamodule()
             self.set_sid_table(table, catalogue, num_items)
 
     # ------------------------------------------------------------------ encoding
-    def encode(self, history: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Left-padded item histories (B, N; -1 = pad) → encoder tokens, on the device, no host round trip."""
+    def encode(self, history: torch.Tensor, user: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Left-padded item histories (B, N; -1 = pad) → encoder tokens, on the device, no host round trip. With
+        ``num_user_tokens > 0`` the hashed token of ``user`` (B,) sits right before the first history token."""
         hist = history[:, -self.cfg.max_history_items:]
         tok = self.item_tokens[hist.clamp(min=0)] * (hist >= 0).unsqueeze(-1)
         if torch.any((hist >= 0) & (self.item_tokens[hist.clamp(min=0), 0] == PAD_TOKEN)):
             raise KeyError("a history item has no semantic ID in the model's SID table")
         input_ids = tok.reshape(tok.shape[0], -1)
+        if self.cfg.num_user_tokens > 0:
+            if user is None:
+                raise ValueError("this TIGER has user tokens (num_user_tokens > 0): encode() needs the users")
+            n_real = (input_ids != PAD_TOKEN).sum(1)  # (B,)
+            input_ids = torch.cat([torch.zeros_like(input_ids[:, :1]), input_ids], dim=1)
+            pos = input_ids.shape[1] - 1 - n_real
+            rows = torch.arange(len(input_ids), device=input_ids.device)
+            input_ids[rows, pos] = user_tokens(user.to(input_ids.device), self.cfg.num_user_tokens, self.vocab_size)
         return input_ids, (input_ids != PAD_TOKEN).long()
 
     def targets(self, target: torch.Tensor) -> torch.Tensor:
         return self.item_tokens[target]
 
     # ------------------------------------------------------------------ training
-    def forward(self, history: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        input_ids, mask = self.encode(history)
+    def forward(self, history: torch.Tensor, target: torch.Tensor, user: torch.Tensor | None = None) -> torch.Tensor:
+        input_ids, mask = self.encode(history, user)
         return self.t5(input_ids=input_ids, attention_mask=mask, labels=self.targets(target)).loss
 
     def training_step(self, batch, batch_idx):
-        loss = self(batch["history"], batch["target"])
+        loss = self(batch["history"], batch["target"], batch.get("user"))
         self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["target"]))
         return loss
 
@@ -170,24 +192,26 @@ class TigerModule(L.LightningModule):
         self.clip_gradients(optimizer, gradient_clip_val or self.hparams.grad_clip, gradient_clip_algorithm or "norm")
 
     def configure_optimizers(self):
+        from transformers import (
+            get_constant_schedule_with_warmup,
+            get_cosine_schedule_with_warmup,
+            get_linear_schedule_with_warmup,
+        )
+
         hp = self.hparams
         opt = torch.optim.AdamW(self.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
         total = max(int(self.trainer.estimated_stepping_batches), 1)
-
-        def factor(step: int) -> float:
-            if step < hp.warmup_steps:
-                return (step + 1) / hp.warmup_steps
-            if hp.scheduler == "constant":
-                return 1.0
-            progress = min((step - hp.warmup_steps) / max(total - hp.warmup_steps, 1), 1.0)
-            return 0.5 * (1 + math.cos(math.pi * progress)) if hp.scheduler == "cosine" else 1 - progress
-
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+        if hp.scheduler == "constant":
+            sched = get_constant_schedule_with_warmup(opt, hp.warmup_steps)
+        else:
+            make = get_cosine_schedule_with_warmup if hp.scheduler == "cosine" else get_linear_schedule_with_warmup
+            sched = make(opt, hp.warmup_steps, max(total, hp.warmup_steps + 1))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     # ------------------------------------------------------------------ evaluation
-    def recommend(self, history: torch.Tensor, top_k: int | None = None, edit: FFNEdit | None = None):
-        input_ids, mask = self.encode(history)
+    def recommend(self, history: torch.Tensor, top_k: int | None = None, edit: FFNEdit | None = None,
+                  user: torch.Tensor | None = None):
+        input_ids, mask = self.encode(history, user)
         return constrained_beam_search(
             self.t5, input_ids, mask, self.trie, num_beams=self.hparams.num_beams,
             top_k=top_k or max(self.ks), edit=edit if edit is not None else self.edit,
@@ -195,12 +219,12 @@ class TigerModule(L.LightningModule):
         )
 
     def _eval_step(self, batch, metrics: RankingMetrics):
-        items, _, tokens = self.recommend(batch["history"])
+        items, _, tokens = self.recommend(batch["history"], user=batch.get("user"))
         metrics.update(items, tokens, batch["target"], self.targets(batch["target"]), batch["subsets"],
                        instance_ids=batch["index"])
 
     def validation_step(self, batch, batch_idx):
-        self.log("val/loss", self(batch["history"], batch["target"]), batch_size=len(batch["target"]))
+        self.log("val/loss", self(batch["history"], batch["target"], batch.get("user")), batch_size=len(batch["target"]))
         self._eval_step(batch, self.val_metrics)
 
     def test_step(self, batch, batch_idx):
@@ -217,11 +241,11 @@ class TigerModule(L.LightningModule):
 
     def on_test_epoch_end(self):
         values = {k: float(v) for k, v in self._log_metrics(self.test_metrics, "test").items()}
-        write_metrics_json(self.trainer, values)
+        write_metrics_json(self.trainer, {**values, **self.extra_test_metrics})
         log_wandb_results(self.trainer, values, self.sid_table)
 
     def predict_step(self, batch, batch_idx):
-        items, scores, _ = self.recommend(batch["history"])
+        items, scores, _ = self.recommend(batch["history"], user=batch.get("user"))
         return {"user": batch["user"].cpu(), "items": items.cpu(), "scores": scores.cpu()}
 
 
@@ -231,17 +255,38 @@ def _restrict(table: SemanticIdTable, items: np.ndarray) -> SemanticIdTable:
                            table.suffix_size)
 
 
-def build_sid_table_rkmeans(ds, hp) -> SemanticIdTable:
-    """SIDs for every item from residual k-means over its text embedding (the training-free tokenizer)."""
+def build_sid_table_rkmeans(ds, hp, periods) -> SemanticIdTable:
+    """SIDs from residual k-means over item text embeddings, fitted on the items known by the end of ``periods``
+    only; every later item is coded by inference (``genrec.tokenizers.period``)."""
     from genrec.data.pipeline import item_embeddings
-    from genrec.tokenizers.rkmeans import ResidualKMeans
+    from genrec.tokenizers.period import items_known_until, rkmeans_sid_table
 
     emb = item_embeddings(ds, show_progress=False)
-    k = min(hp.codebook_size, len(emb))
-    pca = min(32, *emb.shape)
-    codes = ResidualKMeans(hp.num_levels, k, iters=hp.rkmeans_iters, seed=ds.config.seed, pca_dim=pca,
-                           whiten=True).fit_encode(emb)
-    return SemanticIdTable.from_codes(np.arange(len(emb)), codes, hp.codebook_size, hp.suffix_size)
+    fit_items = items_known_until(ds.item_first_period(), periods)
+    return rkmeans_sid_table(emb, fit_items, np.arange(len(emb)), num_levels=hp.num_levels,
+                             codebook_size=hp.codebook_size, suffix_size=hp.suffix_size, iters=hp.rkmeans_iters,
+                             seed=ds.config.seed)
+
+
+def user_tokens(user: torch.Tensor, num_user_tokens: int, offset: int) -> torch.Tensor:
+    """``genrec.models.tiger.user_token_ids`` on the device: splitmix64 of the user index, mod the token count.
+    int64 products wrap like uint64; the right shifts are made logical by masking the sign extension."""
+    def shr(x, n):
+        return (x >> n) & ((1 << (64 - n)) - 1)
+
+    u = user.long() + _signed(0x9E3779B97F4A7C15)
+    u = (u ^ shr(u, 30)) * _signed(0xBF58476D1CE4E5B9)
+    u = (u ^ shr(u, 27)) * _signed(0x94D049BB133111EB)
+    u = u ^ shr(u, 31)
+    # unsigned modulo of a value stored as signed int64: split off the top bit
+    top = (u < 0).long()
+    low = u & ((1 << 63) - 1)
+    rem = (low % num_user_tokens + top * ((1 << 63) % num_user_tokens)) % num_user_tokens
+    return rem + offset
+
+
+def _signed(v: int) -> int:
+    return v - (1 << 64) if v >= 1 << 63 else v
 
 
 def log_wandb_results(trainer, values: dict, sid_table: SemanticIdTable | None) -> None:

@@ -5,8 +5,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +13,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from genrec.data.config import DataConfig
+from genrec.data.fingerprint import (
+    catalogue_fingerprint,
+    content_config,
+    dataset_fingerprint,
+    require_same,
+    source_fingerprint,
+)
 from genrec.data.preprocess import preprocess
 from genrec.data.schema import DataError, InteractionTable, ItemCatalog, RawData
 from genrec.data.splits import (
@@ -26,8 +31,11 @@ from genrec.data.splits import (
     build_timestamp_instances,
 )
 from genrec.data.text import item_texts
+from genrec.errors import RunMismatchError
+from genrec.files import atomic_write_json, read_marker, staged_dir
 
 FORMAT_VERSION = 1
+PREPARED_KIND = "prepared"
 
 
 def load_raw(cfg: DataConfig) -> RawData:
@@ -65,6 +73,7 @@ class PreparedDataset:
     instances: Instances
     report: dict
     config: DataConfig
+    _fingerprint: str | None = dataclasses.field(default=None, repr=False, compare=False)
 
     # ------------------------------------------------------------------ facts
     @property
@@ -129,13 +138,26 @@ class PreparedDataset:
             "periods": periods,
         }
 
+    # ------------------------------------------------------------------ fingerprints
+    @property
+    def fingerprint(self) -> str:
+        """Content hash of the interactions, ids and periods (cached)."""
+        if self._fingerprint is None:
+            self._fingerprint = dataset_fingerprint(self.table, self.period_rows)
+        return self._fingerprint
+
+    @property
+    def catalogue_fingerprint(self) -> dict:
+        return catalogue_fingerprint(self.table.item_ids)
+
     # ------------------------------------------------------------------ persistence
-    def save(self, output_dir: str | os.PathLike) -> Path:
-        """Write the folder to a temporary sibling, then rename: never half-written."""
-        output_dir = Path(output_dir)
-        output_dir.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", dir=output_dir.parent))
-        try:
+    def save(self, output_dir: str | os.PathLike, overwrite: bool = False,
+             embeddings: np.ndarray | None = None) -> Path:
+        """Write the folder (staged in a temporary sibling, then renamed: never half-written). A folder that is not
+        a prepared folder of ours is refused; replacing one of ours needs ``overwrite``; the data root and the
+        current directory are refused. ``embeddings`` (row = item) are stored as ``item_embeddings.npy``."""
+        with staged_dir(output_dir, PREPARED_KIND, overwrite=overwrite, protected=(self.config.root,),
+                        what="prepared folder") as tmp:
             t = self.table
             cols = {"user": t.user, "item": t.item, "timestamp": t.timestamp, "period": self.period_rows}
             if t.rating is not None:
@@ -155,16 +177,15 @@ class PreparedDataset:
             icols = {f.name: getattr(inst, f.name) for f in dataclasses.fields(inst) if f.name != "history"}
             icols["history"] = history
             pq.write_table(pa.table(icols), tmp / "instances.parquet")
-            meta = {"format_version": FORMAT_VERSION, "report": self.report, "config": dataclasses.asdict(self.config)}
-            (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-            (tmp / "stats.json").write_text(json.dumps(self.stats(), indent=1))
-            if output_dir.exists():
-                shutil.rmtree(output_dir)
-            os.replace(tmp, output_dir)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        return output_dir
+            if embeddings is not None:
+                np.save(tmp / "item_embeddings.npy", np.asarray(embeddings, dtype=np.float32))
+            meta = {"format_version": FORMAT_VERSION, "report": self.report, "config": dataclasses.asdict(self.config),
+                    "content_config": content_config(self.config), "fingerprint": self.fingerprint, "catalogue": self.catalogue_fingerprint,
+                    "sources": source_fingerprint(self.config),
+                    "embedding_model": None if embeddings is None else self.config.embedding_model}
+            atomic_write_json(tmp / "meta.json", meta, sort_keys=False)
+            atomic_write_json(tmp / "stats.json", self.stats(), sort_keys=False)
+        return Path(output_dir)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> PreparedDataset:
@@ -206,6 +227,7 @@ class PreparedDataset:
             instances=Instances(**kw),
             report=meta["report"],
             config=cfg,
+            _fingerprint=meta.get("fingerprint"),
         )
 
 
@@ -234,3 +256,22 @@ def item_embeddings(ds: PreparedDataset, show_progress: bool = True) -> np.ndarr
         batch_size=ds.config.embedding_batch_size,
         show_progress=show_progress,
     )
+
+
+def load_or_prepare(cfg: DataConfig, prepared_dir: str | os.PathLike | None, overwrite: bool = False
+                    ) -> PreparedDataset:
+    """The prepared dataset of ``cfg``, cached in ``prepared_dir``: reused only when it was made from the same
+    data settings and unchanged source files (else an error says what differs; ``overwrite`` re-prepares)."""
+    if prepared_dir and not overwrite and read_marker(prepared_dir) is not None:
+        path = Path(prepared_dir)
+        meta = json.loads((path / "meta.json").read_text())
+        hint = f"use another prepared folder, or pass overwrite to re-prepare {path}"
+        require_same(meta.get("content_config") or content_config(meta["config"]), content_config(cfg), f"prepared folder {path}", hint)
+        if meta.get("sources", {}) != source_fingerprint(cfg):
+            raise RunMismatchError(f"prepared folder {path}: its source files changed since it was prepared "
+                                   f"(size or modification time); {hint}")
+        return PreparedDataset.load(path)
+    ds = prepare(cfg)
+    if prepared_dir:
+        ds.save(prepared_dir, overwrite=overwrite)
+    return ds
