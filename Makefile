@@ -10,7 +10,7 @@ export TOKENIZERS_PARALLELISM ?= false
 # it in the same pip call as the project avoids a multi-GB CUDA download). Override: make setup TORCH_SPEC=...
 TORCH_SPEC ?= $(shell \
   if [ -x $(PY) ] && $(PY) -c "import torch" >/dev/null 2>&1; then echo ""; \
-  elif command -v nvidia-smi >/dev/null 2>&1; then echo "torch>=2.2"; \
+  elif command -v nvidia-smi >/dev/null 2>&1; then echo "torch>=2.4"; \
   else echo "torch==2.13.0"; fi)
 
 .PHONY: setup test test-fast demo bench lint clean
@@ -27,7 +27,7 @@ test:
 	$(PY) -m pytest -n 2 -p no:cacheprovider tests
 
 test-fast:
-	$(PY) -m pytest -x -q -m "not slow" tests
+	$(PY) -m pytest -x -n 2 -p no:cacheprovider -m "not slow" tests
 
 demo:
 	$(PY) -m genrec demo

@@ -37,7 +37,7 @@ def base_config(args, run_dir: str):
                         "--data.root", args.data, "--data.name", Path(args.data).name,
                         "--continual.run_dir", run_dir, "--continual.logger", "none",
                         "--continual.seed", str(args.seed)])
-    init = p.instantiate_classes(cfg)
+    init = p.instantiate(cfg)
     data, c = init.data, init.continual
     if not args.full:  # CPU-sized: smaller TIGER, fewer epochs (the config keeps the documented defaults)
         c.tiger = dataclasses.replace(c.tiger, num_encoder_layers=2, num_decoder_layers=2, d_model=64, num_heads=4,
@@ -50,6 +50,7 @@ def base_config(args, run_dir: str):
         c.rqvae = dataclasses.replace(c.rqvae, codebook_size=args.codebook_size)
         c.tiger_finetune_stage = dataclasses.replace(c.tiger_finetune_stage, epochs=args.finetune_epochs)
         c.finetune_tokenizer_stage = dataclasses.replace(c.finetune_tokenizer_stage, epochs=args.tokenizer_epochs)
+        c.dact = dataclasses.replace(c.dact, epochs=args.tokenizer_epochs)
     return data, c
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import lightning as L
@@ -11,6 +10,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from genrec.errors import ConfigError, OutputError
+from genrec.files import atomic_write
+
 
 class RecommendationWriter(L.Callback):
     """Collects ``predict_step`` outputs (``items``, ``scores``) with the batch's users and writes one row per
@@ -18,16 +20,26 @@ class RecommendationWriter(L.Callback):
 
     Args:
         output_path: File to write (atomically, via a temporary sibling).
+        overwrite: Replace an existing file at ``output_path`` (otherwise refused before predicting).
     """
 
-    def __init__(self, output_path: str = "recommendations.parquet"):
+    def __init__(self, output_path: str = "recommendations.parquet", overwrite: bool = False):
         super().__init__()
         if not output_path.endswith((".parquet", ".jsonl")):
-            raise ValueError(f"output_path must end with .parquet or .jsonl, got {output_path!r}")
+            raise ConfigError(f"output_path must end with .parquet or .jsonl, got {output_path!r}")
         self.output_path = output_path
+        self.overwrite = overwrite
         self._users: list[torch.Tensor] = []
         self._items: list[torch.Tensor] = []
         self._scores: list[torch.Tensor] = []
+
+    def on_predict_start(self, trainer, pl_module) -> None:
+        path = Path(self.output_path)
+        if path.is_dir():
+            raise OutputError(f"recommendations output {path}: is a folder, expected a file path")
+        if path.exists() and not self.overwrite:
+            raise OutputError(f"recommendations output {path}: exists; pass "
+                              "--trainer.callbacks.init_args.overwrite true (or another output_path) to replace it")
 
     def on_predict_epoch_start(self, trainer, pl_module) -> None:
         self._users, self._items, self._scores = [], [], []
@@ -57,10 +69,8 @@ class RecommendationWriter(L.Callback):
             "score": scores[valid],
         })
         path = Path(self.output_path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
         if path.suffix == ".parquet":
-            pq.write_table(table, tmp)
+            atomic_write(path, lambda tmp: pq.write_table(table, tmp))
         else:
-            table.to_pandas().to_json(tmp, orient="records", lines=True)
-        os.replace(tmp, path)
+            atomic_write(path, lambda tmp: table.to_pandas().to_json(tmp, orient="records", lines=True))
+        print(f"recommendations for {len(users):,} instances → {path}")

@@ -24,8 +24,18 @@ import numpy as np
 import torch
 
 from genrec.data.config import DataConfig
-from genrec.data.pipeline import PreparedDataset, item_embeddings
+from genrec.data.fingerprint import content_config, require_same
+from genrec.data.pipeline import PreparedDataset, item_embeddings, load_or_prepare
 from genrec.editing import EditConfig
+from genrec.errors import ConfigError, RunMismatchError
+from genrec.files import (
+    atomic_torch_save,
+    atomic_write_json,
+    atomic_write_text,
+    claim_dir,
+    remove_ours,
+    write_marker,
+)
 from genrec.models.sasrec import SASRecConfig
 from genrec.models.tiger import TigerConfig
 from genrec.tokenizers.dact import DACTConfig
@@ -49,11 +59,20 @@ METHODS = {
 
 @dataclass
 class StageConfig:
-    """Epochs and optimiser settings of one training stage (period 0 and later periods differ)."""
+    """Epochs and optimiser settings of one training stage (period 0 and later periods differ).
+
+    Args:
+        epochs: Training epochs.
+        lr: Peak learning rate.
+        batch_size: Mini-batch size.
+    """
 
     epochs: int = 10
     lr: float = 1e-3
     batch_size: int = 256
+
+
+MethodName = Literal["frozen", "ft_tok", "ft_grm", "ft_both", "ft_tok_rt_grm", "reformer", "dact"]
 
 
 @dataclass
@@ -61,25 +80,35 @@ class ContinualConfig:
     """The continual run.
 
     Args:
-        run_dir: Output folder (one sub-folder per period); re-running resumes.
-        method: Shortcut for (tokenizer, recommender) as in the DACT paper's rows: frozen, ft_tok, ft_grm, ft_both,
-            ft_tok_rt_grm, reformer, dact. Overrides ``tokenizer`` / ``recommender`` when set.
-        tokenizer: Tokenizer update for t > 0: dact | finetune | frozen | reformer (codes for new items only).
-        recommender: Recommender update for t > 0: finetune | retrain | frozen.
-        last_period: Stop after this period (default: the last one).
-        use_cf: Train SASRec per period and feed its item embeddings to the tokenizer's CF regulariser and DACT.
+        run_dir: Output folder (one sub-folder per period). Default: ``runs/<data.name>/continual/<method>-seed<seed>``,
+            so methods and seeds never share a folder. Re-running the same command resumes after the last finished
+            period; a folder made with other settings or other data is refused (the error lists what differs).
+        overwrite: Replace an existing run folder of ours instead of resuming it.
+        method: The DACT paper's rows as (tokenizer, recommender): frozen, ft_tok, ft_grm, ft_both, ft_tok_rt_grm,
+            reformer, dact (default, when neither ``tokenizer`` nor ``recommender`` is given).
+        tokenizer: Tokenizer update for t > 0: dact | finetune | frozen | reformer (codes for new items only). With
+            ``method`` set it must agree with it.
+        recommender: Recommender update for t > 0: finetune | retrain | frozen. With ``method`` set it must agree.
+        last_period: Stop after this period (default: the last one); a later run may extend a run folder.
+        use_cf: Train SASRec per period and feed its item embeddings to the tokenizer's CF regulariser and DACT
+            (DACT needs them).
         edit: Run GenRecEdit after each period's recommender update on the next period's new items (decision 6:
             edits are evaluated on period t+1's test instances and removed before the next period's training).
         edit_config: GenRecEdit settings used when ``edit`` is on.
         seed: One seed for everything (period t uses seed + t).
+        accelerator: Lightning accelerator of every stage (auto | cpu | gpu).
         logger: wandb (offline unless WANDB_MODE says otherwise) | csv | none.
-        wandb_project: W&B project; runs are grouped by dataset and named <method>-seed<seed>.
+        wandb_project: W&B project; runs are grouped by dataset and named <method>-seed<seed>; a resumed run
+            continues the same W&B run.
+        dact: DACT knobs of the tokenizer stage for t > 0 with ``tokenizer dact``, including its epochs, learning
+            rate and batch size (``finetune_tokenizer_stage`` is for finetune / reformer).
     """
 
-    run_dir: str = "runs/continual"
-    method: str | None = "dact"
-    tokenizer: Literal["dact", "finetune", "frozen", "reformer"] = "dact"
-    recommender: Literal["finetune", "retrain", "frozen"] = "finetune"
+    run_dir: str | None = None
+    overwrite: bool = False
+    method: MethodName | None = None
+    tokenizer: Literal["dact", "finetune", "frozen", "reformer"] | None = None
+    recommender: Literal["finetune", "retrain", "frozen"] | None = None
     last_period: int | None = None
     use_cf: bool = True
     edit: bool = False
@@ -93,7 +122,7 @@ class ContinualConfig:
     rqvae_warmup_epochs: int = 10
     finetune_tokenizer_stage: StageConfig = field(default_factory=lambda: StageConfig(epochs=50, lr=1e-4,
                                                                                       batch_size=1024))
-    dact: DACTConfig = field(default_factory=DACTConfig)
+    dact: DACTConfig = field(default_factory=lambda: DACTConfig(epochs=50, warmup_epochs=5))
     sasrec: SASRecConfig = field(default_factory=lambda: SASRecConfig(hidden=32))
     sasrec_stage: StageConfig = field(default_factory=lambda: StageConfig(epochs=30, lr=1e-3, batch_size=256))
     sasrec_finetune_stage: StageConfig = field(default_factory=lambda: StageConfig(epochs=10, lr=1e-3))
@@ -106,19 +135,51 @@ class ContinualConfig:
     ks: list[int] = field(default_factory=lambda: [5, 10, 20])
     suffix_size: int = 256
 
+    def __post_init__(self) -> None:
+        tok, rec = self.resolved()
+        if not self.ks or min(self.ks) < 1:
+            raise ConfigError(f"continual.ks: expected positive metric cut-offs, got {self.ks}")
+        if self.num_beams < max(self.ks):
+            raise ConfigError(f"continual.num_beams ({self.num_beams}) must be at least the largest metric cut-off "
+                              f"max(ks) = {max(self.ks)}")
+        if tok == "dact" and not self.use_cf:
+            raise ConfigError("continual.use_cf false cannot run the DACT tokenizer: its drift module and CF "
+                              "alignment read the period's CF (SASRec) embeddings; use use_cf true or another method")
+        if self.edit and self.tiger.num_user_tokens > 0:
+            raise ConfigError("continual.edit true needs tiger.num_user_tokens 0 (GenRecEdit's pseudo histories "
+                              "have no user)")
+        if self.last_period is not None and self.last_period < 0:
+            raise ConfigError(f"continual.last_period: expected >= 0, got {self.last_period}")
+        for name in ("rqvae_stage", "finetune_tokenizer_stage", "sasrec_stage", "sasrec_finetune_stage",
+                     "tiger_stage", "tiger_finetune_stage"):
+            st = getattr(self, name)
+            if st.epochs < 0 or st.batch_size < 1 or st.lr <= 0:
+                raise ConfigError(f"continual.{name}: expected epochs >= 0, batch_size >= 1 and lr > 0, got {st}")
+
     def resolved(self) -> tuple[str, str]:
-        if self.method:
-            if self.method not in METHODS:
-                raise ValueError(f"continual.method must be one of {list(METHODS)}, got {self.method!r}")
-            return METHODS[self.method]
-        if self.tokenizer not in TOKENIZER_METHODS or self.recommender not in RECOMMENDER_METHODS:
-            raise ValueError(f"unknown tokenizer/recommender method {self.tokenizer!r}/{self.recommender!r}")
-        return self.tokenizer, self.recommender
+        """(tokenizer, recommender): ``method``'s row, or the explicit fields; a contradiction is an error."""
+        if self.method is None:
+            return self.tokenizer or "dact", self.recommender or "finetune"
+        if self.method not in METHODS:
+            raise ConfigError(f"continual.method must be one of {list(METHODS)}, got {self.method!r}")
+        tok, rec = METHODS[self.method]
+        for name, given, implied in (("tokenizer", self.tokenizer, tok), ("recommender", self.recommender, rec)):
+            if given is not None and given != implied:
+                raise ConfigError(f"continual.{name} {given!r} contradicts continual.method {self.method!r} (which "
+                                  f"means tokenizer {tok!r}, recommender {rec!r}); give either the method or the "
+                                  "two fields")
+        return tok, rec
 
     @property
     def name(self) -> str:
-        tok, rec = self.resolved()
-        return self.method or f"{tok}+{rec}"
+        pair = self.resolved()
+        named = [m for m, p in METHODS.items() if p == pair]
+        return self.method or (named[0] if named else f"{pair[0]}+{pair[1]}")
+
+
+# Fields that do not change a run's results: a run folder may be resumed with other values.
+NON_RESULT_FIELDS = ("run_dir", "overwrite", "last_period", "logger", "wandb_project", "accelerator")
+RUN_KIND = "continual"
 
 
 # Hooks called after the recommender update of period t: fn(runner, period, tiger_module) -> metrics dict.
@@ -129,7 +190,9 @@ class ContinualRunner:
     def __init__(self, data: DataConfig, cfg: ContinualConfig, hooks: list[PeriodHook] | None = None):
         self.data, self.cfg = data, cfg
         self.tok_method, self.rec_method = cfg.resolved()
-        self.run_dir = Path(cfg.run_dir)
+        self.run_dir = Path(cfg.run_dir or f"runs/{data.name}/continual/{cfg.name}-seed{cfg.seed}")
+        self.wandb_id: str | None = None
+        self._created = False
         self.hooks = list(hooks or [])
         if cfg.edit:
             from callbacks.genrecedit import continual_hook
@@ -221,12 +284,10 @@ class ContinualRunner:
         if method == "dact":
             from lightning_modules.dact import DACTModule
 
-            dcfg = self.cfg.dact
+            dcfg = self.cfg.dact  # its epochs, lr and batch size drive this stage (ConfigError without CF)
             module = DACTModule.from_model(previous, dcfg, cdim_state_dict=self.dact_cdim)
-            dm = ItemEmbeddingDataModule.from_arrays(x, cf_rows if cf_rows is not None else np.zeros((len(x), 1),
-                                                                                                     np.float32),
-                                                     batch_size=dcfg.batch_size)
-            self.trainer(self.cfg.finetune_tokenizer_stage.epochs, t, "dact").fit(module, datamodule=dm)
+            dm = ItemEmbeddingDataModule.from_arrays(x, cf_rows, batch_size=dcfg.batch_size)
+            self.trainer(dcfg.epochs, t, "dact").fit(module, datamodule=dm)
             current = module.tokenizer.eval()
             if module.model.cdim is not None:
                 self.dact_cdim = {k: v.detach().cpu().clone() for k, v in module.model.cdim.state_dict().items()}
@@ -263,7 +324,7 @@ class ContinualRunner:
                              num_beams=c.num_beams, ks=tuple(c.ks))
         dm = self.sequence_dm(train_periods, t, seen, stage.batch_size)
         if method in ("finetune", "frozen"):
-            module.load_state_dict(self.tiger_state, strict=False)
+            module.load_state_dict(self.tiger_state)
         module.set_sid_table(table, dm.catalogue(), self.dataset.num_items)
         if method != "frozen":
             trainer = self.trainer(stage.epochs, t, "tiger", check_val_every_n_epoch=max(stage.epochs, 1))
@@ -278,19 +339,18 @@ class ContinualRunner:
 
     # ------------------------------------------------------------------ persistence
     def save_period(self, t: int, table: SemanticIdTable, metrics: dict, diff: dict, timings: dict) -> None:
+        """Every file atomically; ``DONE`` last, so a period folder without it is incomplete."""
         d = self.period_dir(t)
         d.mkdir(parents=True, exist_ok=True)
         table.save(d / "sid_table.parquet")
         state = {"rqvae": self.rqvae.state_dict(), "rqvae_config": dataclasses.asdict(self.rqvae.config),
                  "tiger": self.tiger_state, "sasrec": self.sasrec_state, "dact_cdim": self.dact_cdim,
                  "seen_periods": self._seen_periods}
-        tmp = d / "state.pt.tmp"
-        torch.save(state, tmp)
-        os.replace(tmp, d / "state.pt")
-        (d / "metrics.json").write_text(json.dumps(metrics, indent=1, sort_keys=True))
-        (d / "sid_diff.json").write_text(json.dumps(diff, indent=1, sort_keys=True))
-        (d / "timings.json").write_text(json.dumps(timings, indent=1))
-        (d / "DONE").write_text(time.strftime("%Y-%m-%d %H:%M:%S"))
+        atomic_torch_save(state, d / "state.pt")
+        atomic_write_json(d / "metrics.json", metrics)
+        atomic_write_json(d / "sid_diff.json", diff)
+        atomic_write_json(d / "timings.json", timings)
+        atomic_write_text(d / "DONE", time.strftime("%Y-%m-%d %H:%M:%S") + "\n")
 
     def load_period(self, t: int) -> dict:
         d = self.period_dir(t)
@@ -306,19 +366,61 @@ class ContinualRunner:
         return json.loads((d / "metrics.json").read_text())
 
     # ------------------------------------------------------------------ main loop
-    def setup(self) -> None:
-        from datamodules.sequences import load_or_prepare
+    def run_config(self) -> dict:
+        """The settings that determine this run's results (compared on resume)."""
+        cont = {k: v for k, v in _jsonable(dataclasses.asdict(self.cfg)).items() if k not in NON_RESULT_FIELDS}
+        cont["resolved"] = list(self.cfg.resolved())
+        return {"data": _jsonable(content_config(self.data)), "continual": cont}
 
+    def claim_run_dir(self) -> bool:
+        """Create, resume or (``overwrite``) replace the run folder; True when this command created it."""
+        state = claim_dir(self.run_dir, RUN_KIND, overwrite=self.cfg.overwrite, protected=(self.data.root,),
+                          allow_existing=True, what="run folder")
+        if state == "ours":
+            info = json.loads((self.run_dir / "run.json").read_text())
+            require_same(info["config"], self.run_config(), f"run folder {self.run_dir}",
+                         "use another --continual.run_dir (each method and seed has its own by default), or pass "
+                         "--continual.overwrite true to start it again")
+            self.wandb_id = info.get("wandb_id")
+            return False
+        if state == "replace":
+            remove_ours(self.run_dir, RUN_KIND)
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.dataset = load_or_prepare(self.data, str(self.run_dir / "prepared"))
+        write_marker(self.run_dir, RUN_KIND)
+        return True
+
+    def setup(self) -> None:
         if self.data.protocol != "periods":
-            raise ValueError("genrec continual needs data.protocol = periods")
-        self.embeddings = item_embeddings(self.dataset, show_progress=True)
+            raise ConfigError("genrec continual needs data.protocol periods (got "
+                              f"{self.data.protocol!r})")
+        created = self._created = self.claim_run_dir()
+        info_path = self.run_dir / "run.json"
+        try:
+            self.dataset = load_or_prepare(self.data, str(self.run_dir / "prepared"))
+            if created:
+                import secrets
+
+                self.wandb_id = secrets.token_hex(6) if self.cfg.logger == "wandb" else None
+                atomic_write_json(info_path, {"config": self.run_config(), "data_fingerprint": self.dataset.fingerprint,
+                                              "wandb_id": self.wandb_id}, sort_keys=False)
+            else:
+                stored = json.loads(info_path.read_text()).get("data_fingerprint")
+                if stored != self.dataset.fingerprint:
+                    raise RunMismatchError(f"run folder {self.run_dir} was made from other data (fingerprint "
+                                           f"{str(stored)[:12]}, now {self.dataset.fingerprint[:12]}); use another "
+                                           "run_dir or --continual.overwrite true")
+            self.embeddings = item_embeddings(self.dataset, show_progress=True)
+        except BaseException:
+            if created:  # a run that never started leaves nothing behind
+                remove_ours(self.run_dir, RUN_KIND)
+            raise
         self._seen_periods = [0]
 
     def run(self) -> dict[int, dict]:
         self.setup()
         last = self.dataset.num_periods - 1 if self.cfg.last_period is None else self.cfg.last_period
+        if last >= self.dataset.num_periods:
+            raise ConfigError(f"continual.last_period {last}: the data has periods 0..{self.dataset.num_periods - 1}")
         start = 0
         for t in range(last + 1):
             if (self.period_dir(t) / "DONE").exists():
@@ -329,42 +431,59 @@ class ContinualRunner:
         if start:
             self.log(f"resuming after period {start - 1} (found {self.period_dir(start - 1) / 'DONE'})")
         for t in range(start, last + 1):
-            self.seed(t)
-            timings: dict[str, float] = {}
-            t0 = time.perf_counter()
-            cf = self.stage_cf(t)
-            timings["cf"] = time.perf_counter() - t0
-            self.log(f"period {t}: CF embeddings {'skipped' if cf is None else 'ready'} ({timings['cf']:.1f}s)")
-            t0 = time.perf_counter()
-            table, reassign_stats = self.stage_tokenizer(t, cf)
-            diff = self.sid_table.diff(table) if self.sid_table is not None else {}
-            diff.update({f"reassign/{k}": v for k, v in reassign_stats.items() if k not in diff})
-            self.sid_table = table
-            timings["tokenizer"] = time.perf_counter() - t0
-            self.log(f"period {t}: tokenizer ({'rqvae' if t == 0 else self.tok_method}) "
-                     f"{timings['tokenizer']:.1f}s; code change {diff.get('overall', 0.0):.3f}")
-            t0 = time.perf_counter()
-            module, dm = self.stage_recommender(t, table)
-            timings["recommender"] = time.perf_counter() - t0
-            self.log(f"period {t}: recommender ({'train' if t == 0 else self.rec_method}) "
-                     f"{timings['recommender']:.1f}s")
-            metrics: dict[str, float] = {}
-            for hook in self.hooks:
-                metrics.update(hook(self, t, module) or {})
-            t0 = time.perf_counter()
-            metrics.update(self.evaluate(t, module, dm))
-            timings["evaluate"] = time.perf_counter() - t0
-            for k, v in diff.items():
-                metrics[f"code_change/{k}"] = float(v)
-            metrics.update({f"seconds/{k}": v for k, v in timings.items()})
-            self.save_period(t, table, metrics, diff, timings)
-            self.results[t] = metrics
-            self.log(f"period {t}: test recall@10 {metrics.get('test/recall@10/overall', float('nan')):.4f} "
-                     f"(warm {metrics.get('test/recall@10/warm', float('nan')):.4f}, "
-                     f"cold {metrics.get('test/recall@10/cold', float('nan')):.4f})")
-            self.log_period(t, metrics)
+            self.clear_period(t)
+            try:
+                self.run_period(t)
+            except BaseException:
+                self.clear_period(t)  # an unfinished period leaves nothing half-written
+                if self._created and not self.results:
+                    remove_ours(self.run_dir, RUN_KIND)  # nothing finished: leave no run folder behind
+                raise
         self.finish()
         return self.results
+
+    def clear_period(self, t: int) -> None:
+        import shutil
+
+        d = self.period_dir(t)
+        if d.exists() and not (d / "DONE").exists():
+            shutil.rmtree(d)
+
+    def run_period(self, t: int) -> None:
+        self.seed(t)
+        timings: dict[str, float] = {}
+        t0 = time.perf_counter()
+        cf = self.stage_cf(t)
+        timings["cf"] = time.perf_counter() - t0
+        self.log(f"period {t}: CF embeddings {'skipped' if cf is None else 'ready'} ({timings['cf']:.1f}s)")
+        t0 = time.perf_counter()
+        table, reassign_stats = self.stage_tokenizer(t, cf)
+        diff = self.sid_table.diff(table) if self.sid_table is not None else {}
+        diff.update({f"reassign/{k}": v for k, v in reassign_stats.items() if k not in diff})
+        self.sid_table = table
+        timings["tokenizer"] = time.perf_counter() - t0
+        self.log(f"period {t}: tokenizer ({'rqvae' if t == 0 else self.tok_method}) "
+                 f"{timings['tokenizer']:.1f}s; code change {diff.get('overall', 0.0):.3f}")
+        t0 = time.perf_counter()
+        module, dm = self.stage_recommender(t, table)
+        timings["recommender"] = time.perf_counter() - t0
+        self.log(f"period {t}: recommender ({'train' if t == 0 else self.rec_method}) "
+                 f"{timings['recommender']:.1f}s")
+        metrics: dict[str, float] = {}
+        for hook in self.hooks:
+            metrics.update(hook(self, t, module) or {})
+        t0 = time.perf_counter()
+        metrics.update(self.evaluate(t, module, dm))
+        timings["evaluate"] = time.perf_counter() - t0
+        for k, v in diff.items():
+            metrics[f"code_change/{k}"] = float(v)
+        metrics.update({f"seconds/{k}": v for k, v in timings.items()})
+        self.save_period(t, table, metrics, diff, timings)
+        self.results[t] = metrics
+        self.log(f"period {t}: test recall@10 {metrics.get('test/recall@10/overall', float('nan')):.4f} "
+                 f"(warm {metrics.get('test/recall@10/warm', float('nan')):.4f}, "
+                 f"cold {metrics.get('test/recall@10/cold', float('nan')):.4f})")
+        self.log_period(t, metrics)
 
     # ------------------------------------------------------------------ logging
     def log_period(self, t: int, metrics: dict) -> None:
@@ -378,28 +497,49 @@ class ContinualRunner:
 
             name = f"{self.cfg.name}-seed{self.cfg.seed}"
             if self.cfg.logger == "wandb":
+                # the run id lives in run.json: a resumed run continues the same W&B run
                 self._logger = WandbLogger(project=self.cfg.wandb_project, group=self.data.name, name=name,
-                                           save_dir=str(self.run_dir), offline=os.environ.get("WANDB_MODE") != "online",
-                                           config={"data": dataclasses.asdict(self.data), "continual": _jsonable(
-                                               dataclasses.asdict(self.cfg))})
+                                           id=self.wandb_id, resume="allow", save_dir=str(self.run_dir),
+                                           offline=os.environ.get("WANDB_MODE") != "online",
+                                           config={"data": _jsonable(dataclasses.asdict(self.data)),
+                                                   "continual": _jsonable(dataclasses.asdict(self.cfg))})
             else:
                 self._logger = CSVLogger(str(self.run_dir), name="logs", version=name)
         return self._logger
 
     def finish(self) -> None:
         table = summary_rows(self.results)
-        (self.run_dir / "summary.json").write_text(json.dumps(table, indent=1))
+        atomic_write_json(self.run_dir / "summary.json", table, sort_keys=False)
         logger = self.logger()
         if logger is not None and self.cfg.logger == "wandb" and table:
             cols = sorted({k for r in table for k in r})
             logger.log_table("periods", columns=cols, data=[[r.get(c) for c in cols] for r in table])
         if logger is not None:
             logger.finalize("success")
+            if self.cfg.logger == "wandb":
+                from lightning_modules._wandb import finish_wandb
+
+                finish_wandb(logger, run_summary(self.results))
         print(format_summary(table, self.cfg.name))
+        print(f"[continual {self.cfg.name}] outputs: {self.run_dir}")
 
 
 def _jsonable(d):
     return json.loads(json.dumps(d, default=str))
+
+
+def run_summary(results: dict[int, dict]) -> dict:
+    """W&B summary: every metric of the last period, plus period means (t ≥ 1) of the test metrics."""
+    if not results:
+        return {}
+    last = max(results)
+    out = {f"last/{k}": v for k, v in results[last].items()}
+    later = [m for t, m in results.items() if t > 0]
+    for k in sorted({k for m in later for k in m if k.startswith("test/")}):
+        vals = [m[k] for m in later if isinstance(m.get(k), (int, float))]
+        if vals:
+            out[f"mean/{k}"] = sum(vals) / len(vals)
+    return out
 
 
 def summary_rows(results: dict[int, dict]) -> list[dict]:
@@ -419,7 +559,7 @@ def format_summary(rows: list[dict], name: str) -> str:
 def parser():
     from jsonargparse import ActionConfigFile, ArgumentParser
 
-    p = ArgumentParser(prog="genrec continual", description=__doc__, default_env=False)
+    p = ArgumentParser(prog="genrec continual", description=__doc__, default_env=False, exit_on_error=False)
     p.add_argument("--config", action=ActionConfigFile)
     p.add_class_arguments(DataConfig, "data", help="Data source (periods protocol)")
     p.add_class_arguments(ContinualConfig, "continual", help="Continual run settings")
@@ -429,5 +569,5 @@ def parser():
 def main(argv: list[str] | None = None) -> dict:
     p = parser()
     cfg = p.parse_args(argv)
-    init = p.instantiate_classes(cfg)
+    init = p.instantiate(cfg)
     return ContinualRunner(init.data, init.continual).run()

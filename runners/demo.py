@@ -5,27 +5,40 @@ prepare (stats) → residual k-means SIDs → TIGER fit on period 0 → test on 
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
+DEMO_KIND = "demo"
+
+
+def parser():
+    from jsonargparse import ArgumentParser
+
+    p = ArgumentParser(prog="genrec demo", description=__doc__, default_env=False, exit_on_error=False)
+    p.add_argument("--output_dir", type=str, default="runs/demo",
+                   help="Output folder (new, empty, or an earlier demo folder, which is reused)")
+    p.add_argument("--epochs", type=int, default=6, help="TIGER training epochs")
+    p.add_argument("--seed", type=int, default=0, help="Seed of the data and the model")
+    return p
+
 
 def main(argv: list[str] | None = None) -> dict:
-    import argparse
-
     import lightning as L
 
     from datamodules.sequences import SequenceDataModule
     from genrec.data.config import DataConfig
+    from genrec.errors import ConfigError
+    from genrec.files import atomic_write_json, claim_dir, write_marker
     from genrec.models.tiger import TigerConfig
     from lightning_modules.tiger import TigerModule
 
-    p = argparse.ArgumentParser(prog="genrec demo", description=__doc__)
-    p.add_argument("--output_dir", default="runs/demo")
-    p.add_argument("--epochs", type=int, default=6)
-    p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args(argv or [])
+    args = parser().parse_args(argv or [])
+    if args.epochs < 1:
+        raise ConfigError(f"--epochs: expected an integer >= 1, got {args.epochs}")
     out = Path(args.output_dir)
+    claim_dir(out, DEMO_KIND, allow_existing=True, what="demo output folder")
+    out.mkdir(parents=True, exist_ok=True)
+    write_marker(out, DEMO_KIND)
     L.seed_everything(args.seed, workers=True)
     t0 = time.perf_counter()
     dm = SequenceDataModule(DataConfig(seed=args.seed), prepared_dir=str(out / "prepared"), train_periods=[0],
@@ -41,7 +54,7 @@ def main(argv: list[str] | None = None) -> dict:
     trainer.fit(model, datamodule=dm)
     results = trainer.test(model, datamodule=dm, verbose=False)[0]
     results["seconds/total"] = time.perf_counter() - t0
-    (out / "metrics.json").write_text(json.dumps(results, indent=1, sort_keys=True))
+    atomic_write_json(out / "metrics.json", results)
     print("[demo] period-1 test metrics (model trained on period 0):")
     for k in sorted(results):
         if k.split("/")[1] in ("recall@10", "ndcg@10", "iid_ratio@10"):

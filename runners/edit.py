@@ -21,38 +21,76 @@ from typing import Literal
 
 import numpy as np
 
+from genrec.checkpoints import read_checkpoint
 from genrec.data.config import DataConfig
 from genrec.editing import EditConfig
+from genrec.errors import CheckpointError, ConfigError, DataError
+from genrec.files import atomic_write_json, claim_dir, staged_dir
+
+EDIT_KIND = "edit"
 
 
-def read_items(path: str) -> np.ndarray:
-    """Item indices from a ``.npy`` file, a JSON list, or a text file with one index per line."""
+def read_items(path: str, item_ids: np.ndarray) -> np.ndarray:
+    """Dense item indices of the items listed in ``path``: a text file (one item id per line, as in the data's
+    files) or a JSON list of ids; a ``.npy`` file holds dense item indices. Unknown ids are an error naming the
+    line."""
     p = Path(path)
+    if not p.is_file():
+        raise DataError(f"--items {path}: file not found")
+    n = len(item_ids)
     if p.suffix == ".npy":
-        items = np.load(p)
-    elif p.suffix == ".json":
-        items = np.asarray(json.loads(p.read_text()))
+        try:
+            items = np.load(p, allow_pickle=False)
+        except ValueError as exc:
+            raise DataError(f"--items {path}: not a numpy array of item indices ({exc})") from None
+        if items.dtype.kind not in "iu":
+            raise DataError(f"--items {path}: expected integer item indices, found dtype {items.dtype}")
+        items = np.asarray(items, dtype=np.int64).ravel()
+        bad = (items < 0) | (items >= n)
+        if bad.any():
+            raise DataError(f"--items {path}: entry {int(np.flatnonzero(bad)[0])}: item index "
+                            f"{int(items[bad][0])} outside 0..{n - 1}")
     else:
-        items = np.asarray([int(line) for line in p.read_text().split() if line.strip()])
-    items = np.asarray(items, dtype=np.int64).ravel()
+        if p.suffix == ".json":
+            try:
+                tokens = [str(v) for v in json.loads(p.read_text())]
+            except (ValueError, TypeError):
+                raise DataError(f"--items {path}: expected a JSON list of item ids") from None
+            where = "entry"
+        else:
+            tokens = [line.strip() for line in p.read_text().splitlines()]
+            where = "line"
+        index = {str(v): i for i, v in enumerate(item_ids)}
+        items = []
+        for pos, tok in enumerate(tokens, 1):
+            if not tok:
+                continue
+            if tok not in index:
+                raise DataError(f"--items {path}: {where} {pos}: unknown item id {tok!r} (expected ids as in the "
+                                "data's item file; a .npy file holds dense indices)")
+            items.append(index[tok])
+        items = np.asarray(items, dtype=np.int64)
     if items.size == 0:
-        raise ValueError(f"--items {path}: no item indices found")
+        raise DataError(f"--items {path}: no items listed")
     return items
 
 
 def parser():
     from jsonargparse import ActionConfigFile, ArgumentParser
 
-    p = ArgumentParser(prog="genrec edit", description=__doc__, default_env=False)
+    p = ArgumentParser(prog="genrec edit", description=__doc__, default_env=False, exit_on_error=False)
     p.add_argument("--config", action=ActionConfigFile)
     p.add_argument("--ckpt_path", type=str, required=True, help="TigerModule checkpoint (Lightning .ckpt)")
-    p.add_argument("--output_dir", type=str, default="runs/edit", help="Where edits.pt and metrics.json go")
+    p.add_argument("--output_dir", type=str, default="runs/edit",
+                   help="Where edits.pt, report.json and metrics.json go (written in one go at the end; an existing "
+                        "edit folder needs --overwrite true; other folders are refused)")
+    p.add_argument("--overwrite", type=bool, default=False, help="Replace an earlier edit output folder")
     p.add_argument("--cold_period", type=int | None, default=None,
                    help="Period whose new items are edited in and whose test instances are evaluated "
                         "(default: the period after the last train period)")
     p.add_argument("--items", type=str | None, default=None,
-                   help="File of cold item indices (.npy, .json list, or one per line) instead of the period's "
-                        "new items; items the model trained on are dropped")
+                   help="File of cold item ids (one per line, or a .json list; a .npy file holds dense indices) "
+                        "instead of the period's new items; items the model trained on are dropped")
     p.add_argument("--train_periods", type=list[int], default=[0], help="Periods the checkpoint was trained on")
     p.add_argument("--seen_periods", type=list[int] | None, default=None,
                    help="Periods whose train targets the model learned (default: train_periods)")
@@ -80,26 +118,44 @@ def _evaluate(module, dm, root: Path, accelerator: str) -> dict:
 
 
 def run(cfg, data: DataConfig, edit: EditConfig) -> dict:
-    from callbacks.genrecedit import GenRecEditCallback
     from datamodules.sequences import SequenceDataModule
     from lightning_modules.tiger import TigerModule
 
-    out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    # every check that can run before the work runs first: output folder, checkpoint, data, items
+    claim_dir(cfg.output_dir, EDIT_KIND, overwrite=cfg.overwrite, protected=(data.root,), what="edit output folder")
+    read_checkpoint(cfg.ckpt_path, expect="TigerModule")
     cold_period = cfg.cold_period if cfg.cold_period is not None else max(cfg.train_periods) + 1
     dm = SequenceDataModule(data, prepared_dir=cfg.prepared_dir, train_periods=cfg.train_periods,
                             eval_period=cold_period, seen_periods=cfg.seen_periods,
                             eval_batch_size=cfg.eval_batch_size)
-    dm.load()  # validates the periods
+    ds = dm.load()  # validates the periods
+    if cold_period == 0:
+        raise ConfigError("--cold_period 0: period 0 has no earlier model to edit; use a later period")
+    items_file = cfg["items"]  # (Namespace.items is a method)
+    items = read_items(items_file, ds.table.item_ids) if items_file else None
     module = TigerModule.load_from_checkpoint(cfg.ckpt_path, map_location="cpu", weights_only=True)
     if module.sid_table is None:
-        raise ValueError(f"checkpoint {cfg.ckpt_path} carries no SID table (expected checkpoint['sid_table'])")
+        raise CheckpointError(f"checkpoint {cfg.ckpt_path} carries no SID table (expected checkpoint['sid_table'])")
+    module.bind_catalogue(ds)  # refuses a checkpoint trained on another catalogue
+    with staged_dir(cfg.output_dir, EDIT_KIND, overwrite=cfg.overwrite, protected=(data.root,),
+                    what="edit output folder") as out:
+        metrics = _edit_and_evaluate(cfg, module, dm, cold_period, items, edit, out)
+        _log(cfg, data, edit, metrics, out)
+    out = Path(cfg.output_dir)
+    for key in ("recall@10/cold", "recall@10/warm", "recall@10/overall"):
+        print(f"{key:>20}: unedited {metrics.get(f'unedited/test/{key}', float('nan')):.4f} → "
+              f"edited {metrics.get(f'edited/test/{key}', float('nan')):.4f}")
+    print(f"edit {metrics['seconds/edit']:.1f}s (+ C̄0 {metrics['seconds/covariance']:.1f}s) → {out / 'metrics.json'}")
+    return metrics
+
+
+def _edit_and_evaluate(cfg, module, dm, cold_period: int, items, edit: EditConfig, out: Path) -> dict:
+    from callbacks.genrecedit import GenRecEditCallback
+
     metrics: dict[str, float] = {}
     if cfg.evaluate_unedited:
         before = _evaluate(module, dm, out / "unedited", cfg.accelerator)
         metrics.update({f"unedited/{k}": v for k, v in before.items()})
-    items_file = cfg["items"]  # (Namespace.items is a method)
-    items = read_items(items_file) if items_file else None
     cb = GenRecEditCallback(edit, cold_period=cold_period, items=items)
     edits = cb.apply(module, dm)
     times = cb.report.times
@@ -107,16 +163,11 @@ def run(cfg, data: DataConfig, edit: EditConfig) -> dict:
     metrics["seconds/edit"] = cb.report.edit_seconds
     metrics["seconds/covariance"] = float(times["covariance"])
     metrics["seconds/knowledge"] = float(times["knowledge"])
-    metrics.update({k: v for k, v in cb.metrics.items()})
+    metrics.update(cb.metrics)
     metrics.update({f"edited/{k}": v for k, v in _evaluate(module, dm, out / "edited", cfg.accelerator).items()})
     edits.save(out / "edits.pt")
-    (out / "report.json").write_text(json.dumps(cb.report.to_dict(), indent=1, default=str))
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=1, sort_keys=True))
-    _log(cfg, data, edit, metrics, out)
-    for key in ("recall@10/cold", "recall@10/warm", "recall@10/overall"):
-        print(f"{key:>20}: unedited {metrics.get(f'unedited/test/{key}', float('nan')):.4f} → "
-              f"edited {metrics.get(f'edited/test/{key}', float('nan')):.4f}")
-    print(f"edit {metrics['seconds/edit']:.1f}s (+ C̄0 {metrics['seconds/covariance']:.1f}s) → {out / 'metrics.json'}")
+    atomic_write_json(out / "report.json", cb.report.to_dict(), sort_keys=False)
+    atomic_write_json(out / "metrics.json", metrics)
     return metrics
 
 
@@ -133,10 +184,14 @@ def _log(cfg, data: DataConfig, edit: EditConfig, metrics: dict, out: Path) -> N
         logger = CSVLogger(str(out), name="logs")
     logger.log_metrics(metrics, step=0)
     logger.finalize("success")
+    if cfg.logger == "wandb":
+        from lightning_modules._wandb import finish_wandb
+
+        finish_wandb(logger, metrics)  # before the staged folder is renamed: W&B has written everything
 
 
 def main(argv: list[str] | None = None) -> dict:
     p = parser()
     cfg = p.parse_args(argv)
-    init = p.instantiate_classes(cfg)
+    init = p.instantiate(cfg)
     return run(cfg, init.data, init.edit)

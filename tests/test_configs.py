@@ -30,7 +30,7 @@ def test_continual_configs_instantiate(path):
     from runners.continual import parser
 
     p = parser()
-    init = p.instantiate_classes(p.parse_args(["--config", str(path)]))
+    init = p.instantiate(p.parse_args(["--config", str(path)]))
     tok, rec = init.continual.resolved()
     assert init.data.protocol == "periods" and tok and rec
 
@@ -41,7 +41,7 @@ def test_edit_configs_instantiate(path):
 
     p = parser()
     cfg = p.parse_args(["--config", str(path), "--ckpt_path", "model.ckpt"])
-    init = p.instantiate_classes(cfg)
+    init = p.instantiate(cfg)
     assert init.edit.cov_lambda >= 0
 
 
@@ -65,6 +65,7 @@ def test_sweep_configs_drive_the_cli(path):
         p.parse_args(args)
 
 
+@pytest.mark.slow
 def test_cli_fit_then_validate_from_checkpoint(monkeypatch, tmp_path):
     """`genrec fit` then `genrec validate --ckpt_path` (LightningCLI re-parses the checkpoint's hyper-parameters)."""
     from genrec.cli import main

@@ -20,7 +20,7 @@ def tiny(run_dir, method="dact", last_period=2) -> tuple[DataConfig, ContinualCo
         rqvae=RQVAEConfig(hidden_dims=(32,), latent_dim=8, num_levels=2, codebook_size=8, kmeans_iters=5),
         rqvae_stage=StageConfig(epochs=2, lr=1e-3, batch_size=64), rqvae_warmup_epochs=1,
         finetune_tokenizer_stage=StageConfig(epochs=1, lr=1e-4, batch_size=64),
-        dact=DACTConfig(batch_size=64, warmup_epochs=0),
+        dact=DACTConfig(epochs=1, batch_size=64, warmup_epochs=0),
         sasrec=SASRecConfig(hidden=8, num_layers=1), sasrec_stage=StageConfig(epochs=1, batch_size=64),
         sasrec_finetune_stage=StageConfig(epochs=1, batch_size=64),
         tiger=TigerConfig(num_encoder_layers=1, num_decoder_layers=1, d_model=16, num_heads=2, d_kv=8, d_ff=32),
@@ -31,6 +31,7 @@ def tiny(run_dir, method="dact", last_period=2) -> tuple[DataConfig, ContinualCo
     return data, cfg
 
 
+@pytest.mark.slow
 def test_resume_after_crash_equals_uninterrupted_run(tmp_path):
     data, cfg = tiny(tmp_path / "full")
     full = ContinualRunner(data, cfg).run()
@@ -64,3 +65,83 @@ def test_frozen_and_reformer_keep_old_codes(tmp_path, method):
 def test_unknown_method_is_a_clear_error():
     with pytest.raises(ValueError, match="continual.method must be one of"):
         ContinualConfig(method="nope").resolved()
+
+
+def test_resume_refuses_changed_settings_or_data_and_names_them(tmp_path):
+    from genrec.errors import RunMismatchError
+
+    data, cfg = tiny(tmp_path / "run", method="frozen", last_period=0)
+    cfg.use_cf = False
+    ContinualRunner(data, cfg).run()
+    before = sorted(p.name for p in (tmp_path / "run").iterdir())
+    changes = [("method", lambda d, c: setattr(c, "method", "ft_grm"), "method: 'frozen' → 'ft_grm'"),
+               ("max_history", lambda d, c: setattr(d, "max_history", 5), "max_history: 20 → 5"),
+               ("fractions", lambda d, c: setattr(d, "period_fractions", [0.5, 0.25, 0.25]), "period_fractions"),
+               ("data seed", lambda d, c: setattr(d.synthetic, "seed", 3), "synthetic.seed: 0 → 3")]
+    for _, change, message in changes:
+        d, c = tiny(tmp_path / "run", method="frozen", last_period=1)
+        c.use_cf = False
+        change(d, c)
+        with pytest.raises(RunMismatchError, match=message):
+            ContinualRunner(d, c).run()
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == before  # nothing added or removed
+    # same settings, more periods: resumes and extends; logger and last_period may differ
+    d, c = tiny(tmp_path / "run", method="frozen", last_period=1)
+    c.use_cf, c.logger = False, "none"
+    assert sorted(ContinualRunner(d, c).run()) == [0, 1]
+
+
+def test_each_method_and_seed_gets_its_own_default_run_dir(tmp_path):
+    d, a = tiny(tmp_path / "x", method="frozen")
+    _, b = tiny(tmp_path / "x", method="ft_grm")
+    a.run_dir = b.run_dir = None
+    dirs = {str(ContinualRunner(d, a).run_dir), str(ContinualRunner(d, b).run_dir)}
+    b.seed = 1
+    dirs.add(str(ContinualRunner(d, b).run_dir))
+    assert dirs == {"runs/synthetic/continual/frozen-seed0", "runs/synthetic/continual/ft_grm-seed0",
+                    "runs/synthetic/continual/ft_grm-seed1"}
+
+
+def test_a_failed_run_leaves_no_half_written_period(tmp_path, monkeypatch):
+    data, cfg = tiny(tmp_path / "run", method="frozen", last_period=1)
+    cfg.use_cf = False
+    calls = {"n": 0}
+    real = ContinualRunner.evaluate
+
+    def crash_in_period_1(self, t, module, dm):
+        if t == 1:
+            raise RuntimeError("killed during period 1")
+        return real(self, t, module, dm)
+
+    monkeypatch.setattr(ContinualRunner, "evaluate", crash_in_period_1)
+    with pytest.raises(RuntimeError):
+        ContinualRunner(data, cfg).run()
+    assert (tmp_path / "run" / "period_0" / "DONE").exists() and not (tmp_path / "run" / "period_1").exists()
+
+    def crash_always(self, t, module, dm):
+        calls["n"] += 1
+        raise RuntimeError("killed in period 0")
+
+    monkeypatch.setattr(ContinualRunner, "evaluate", crash_always)
+    data, cfg = tiny(tmp_path / "fresh", method="frozen", last_period=1)
+    cfg.use_cf = False
+    with pytest.raises(RuntimeError):
+        ContinualRunner(data, cfg).run()
+    assert calls["n"] == 1 and not (tmp_path / "fresh").exists()  # a run that never finished a period: no folder
+
+
+def test_wandb_run_is_resumed_and_finished_cleanly(tmp_path):
+    data, cfg = tiny(tmp_path / "run", method="frozen", last_period=0)
+    cfg.use_cf, cfg.logger = False, "wandb"
+    ContinualRunner(data, cfg).run()
+    data, cfg = tiny(tmp_path / "run", method="frozen", last_period=1)
+    cfg.use_cf, cfg.logger = False, "wandb"
+    ContinualRunner(data, cfg).run()
+    run_id = json.loads((tmp_path / "run" / "run.json").read_text())["wandb_id"]
+    runs = sorted((tmp_path / "run" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2 and all(r.name.endswith(run_id) for r in runs)  # one W&B run, resumed
+    for r in runs:
+        assert (r / "files" / "config.yaml").exists() and (r / "files" / "wandb-summary.json").exists()
+        assert "HandleAbandonedError" not in (r / "logs" / "debug.log").read_text()
+    summary = json.loads((runs[-1] / "files" / "wandb-summary.json").read_text())
+    assert "mean/test/recall@5/overall" in summary

@@ -225,6 +225,7 @@ class _RecordingEditCallback(GenRecEditCallback):
                    f"{self.out_dir}/rank{trainer.global_rank}.pt")
 
 
+@pytest.mark.slow
 def test_ddp_two_processes_share_rank0_edits_and_match_single_process(trained, tmp_path):
     """Under DDP (2 CPU processes, gloo) rank 0 builds the edits and every rank tests with the same ΔW; the
     edited test metrics equal a single-process run's (each instance counted once)."""

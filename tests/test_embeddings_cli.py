@@ -56,15 +56,18 @@ def test_prepare_command_writes_stats(tmp_path):
 
 
 def test_unknown_config_field_is_rejected(tmp_path, capsys):
-    with pytest.raises(SystemExit):
-        run_prepare(["--config", str(REPO / "configs/data/synthetic.yaml"), "--output_dir", str(tmp_path),
-                     "--data.no_such_field", "1"])
-    assert "no_such_field" in capsys.readouterr().err
+    from genrec.cli import main
+
+    code = main(["prepare", "--config", str(REPO / "configs/data/synthetic.yaml"), "--output_dir",
+                 str(tmp_path / "out"), "--data.no_such_field", "1"])
+    err = capsys.readouterr().err
+    assert code == 2 and "no_such_field" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("path", sorted((REPO / "configs" / "data").glob("*.yaml")), ids=lambda p: p.name)
 def test_every_data_config_instantiates(path, tmp_path):
     parser = prepare_parser()
     cfg = parser.parse_args(["--config", str(path), "--output_dir", str(tmp_path)])
-    data = parser.instantiate_classes(cfg).data
+    data = parser.instantiate(cfg).data
     assert data.name and data.source in ("synthetic", "local", "amazon2014", "amazon2018", "amazon2023")

@@ -174,6 +174,7 @@ def _ddp_worker(rank: int, world: int, init_file: str, out_file: str) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_ddp_two_processes_count_each_instance_once(tmp_path):
     out_file = str(tmp_path / "res.pt")
     mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), out_file), nprocs=2, join=True)

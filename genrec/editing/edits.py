@@ -188,11 +188,9 @@ class PositionEdits:
         )
 
     def save(self, path: str | Path) -> None:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        torch.save(self.state_dict(), tmp)
-        tmp.replace(path)
+        from genrec.files import atomic_torch_save
+
+        atomic_torch_save(self.state_dict(), path)
 
     @classmethod
     def load(cls, path: str | Path, sid_table_hash: str | None = None) -> PositionEdits:
