@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 from pathlib import Path
 
@@ -30,6 +29,7 @@ def report(results: dict, out: str | None, title: str) -> None:
         shown = f"{v:.4f}" if isinstance(v, float) else str(v)
         print(f"{k:<{width}}{shown:>16}")
     if out:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(json.dumps(results, indent=1))
+        from genrec.files import atomic_write_json
+
+        atomic_write_json(out, results, sort_keys=False)  # strict JSON: NaN (an empty subset) is null
         print(f"→ {out}")

@@ -9,6 +9,7 @@ traceback instead. Anything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import os
 import sys
@@ -82,7 +83,8 @@ def run_prepare(argv: list[str]) -> dict:
     for p in stats["periods"]:
         print(f"{p['period']:>6} {p['num_interactions']:>8,} {p['num_new_items']:>9} {p['num_train']:>7} "
               f"{p['num_valid']:>6} {p['num_test']:>6} {p['num_cold_test']:>9}")
-    removed = {k: v for k, v in stats["preprocessing"].items() if k.startswith("removed") and v}
+    removed = {k: v for k, v in stats["preprocessing"].items()
+               if k.startswith(("removed", "ratings_")) and v}
     if removed or stats["items_text_fallback"]:
         print("removed / fell back:", json.dumps({**removed, "items_text_fallback": stats["items_text_fallback"]}))
     print(f"→ {out}")
@@ -113,10 +115,8 @@ def _finish_wandb() -> None:
     """Close an active W&B run first, so its banner does not bury the error line."""
     wandb = sys.modules.get("wandb")
     if wandb is not None and getattr(wandb, "run", None) is not None:
-        try:
+        with contextlib.suppress(Exception):  # the user's error matters more than W&B's teardown
             wandb.finish(exit_code=1, quiet=True)
-        except Exception:  # noqa: BLE001 — the user's error matters more than W&B's teardown
-            pass
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import warnings
 from dataclasses import asdict
 from pathlib import Path
+from typing import Literal
 
 import lightning as L
 import numpy as np
@@ -55,10 +56,10 @@ class RQVAEModule(L.LightningModule):
         config: RQVAEConfig | dict | None = None,
         lr: float = 1e-3,
         weight_decay: float = 1e-4,
-        optimizer: str = "adamw",
+        optimizer: Literal["adamw", "adam"] = "adamw",
         warmup_epochs: int = 50,
-        lr_schedule: str = "linear",
-        kmeans_init_on: str = "full",
+        lr_schedule: Literal["linear", "constant"] = "linear",
+        kmeans_init_on: Literal["full", "first_batch"] = "full",
         suffix_size: int = 256,
         sid_table_dir: str | None = None,
     ) -> None:

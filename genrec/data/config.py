@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Literal
 
-from genrec.data.synthetic import SyntheticConfig
-from genrec.data.text import DEFAULT_TEMPLATE
+from genrec.data.synthetic import SyntheticConfig, check_int
+from genrec.data.text import DEFAULT_TEMPLATE, template_fields
+from genrec.errors import ConfigError
 
 
 @dataclass
@@ -55,3 +57,22 @@ class DataConfig:
     cache_dir: str = ".cache/genrec"
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        # checked here so that `genrec prepare --data.max_history 0` fails at parse time, before any file is read
+        check_int("data.max_history", self.max_history, 1)
+        check_int("data.kcore", self.kcore, 0)
+        check_int("data.embedding_batch_size", self.embedding_batch_size, 1)
+        check_fractions("data.period_fractions", self.period_fractions)
+        template_fields(self.text_template)
+
+
+def check_fractions(name: str, fractions) -> None:
+    """A non-empty list of positive, finite shares summing to 1 (same tolerance as the period cut)."""
+    ok = isinstance(fractions, (list, tuple)) and len(fractions) > 0
+    ok = ok and all(isinstance(f, (int, float)) and not isinstance(f, bool) and math.isfinite(f) and f > 0
+                    for f in fractions)
+    if not ok:
+        raise ConfigError(f"{name}: expected a non-empty list of positive numbers, got {fractions!r}")
+    if abs(sum(fractions) - 1.0) > 1e-6:
+        raise ConfigError(f"{name}: expected shares summing to 1, got {list(fractions)} (sum {sum(fractions):.6f})")

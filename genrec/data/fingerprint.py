@@ -33,7 +33,7 @@ def ids_sha256(ids) -> str:
 
 def catalogue_fingerprint(item_ids) -> dict:
     """What a model's item indices mean: the raw id of every dense item index."""
-    return {"num_items": int(len(item_ids)), "item_ids_sha256": ids_sha256(item_ids)}
+    return {"num_items": len(item_ids), "item_ids_sha256": ids_sha256(item_ids)}
 
 
 def check_catalogue(stored: dict | None, item_ids, what: str) -> None:

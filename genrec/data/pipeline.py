@@ -236,12 +236,15 @@ def prepare(cfg: DataConfig) -> PreparedDataset:
     table, catalog, report = preprocess(
         raw, dedup=cfg.dedup, kcore=cfg.kcore, drop_items_without_metadata=cfg.drop_items_without_metadata
     )
-    if cfg.protocol == "periods":
-        instances, period_rows = build_period_instances(table, cfg.period_fractions, cfg.max_history)
-    else:
-        instances, period_rows = build_timestamp_instances(table, cfg.max_history)
-    texts, fallback = item_texts(catalog, cfg.text_template)
+    texts, fallback = item_texts(catalog, cfg.text_template)  # a template typo fails before the split
     report["items_text_fallback"] = fallback
+    try:
+        if cfg.protocol == "periods":
+            instances, period_rows = build_period_instances(table, cfg.period_fractions, cfg.max_history)
+        else:
+            instances, period_rows = build_timestamp_instances(table, cfg.max_history)
+    except DataError as exc:  # the builders see arrays only: name the data they came from
+        raise DataError(f"{raw.source}: {exc}") from None
     return PreparedDataset(table, period_rows, catalog, texts, instances, report, cfg)
 
 

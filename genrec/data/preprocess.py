@@ -25,7 +25,7 @@ def preprocess(
 ) -> tuple[InteractionTable, ItemCatalog, dict[str, int]]:
     """Dense ids by first appearance in time order (each period's new items form a contiguous range)."""
     df = raw.interactions
-    report: dict[str, int] = {"raw_interactions": len(df)}
+    report: dict[str, int] = {"raw_interactions": len(df), **raw.counts}
     if len(df) == 0:
         raise DataError(f"{raw.source}: no interactions")
     # Stable sort by time keeps file order among ties (day-resolution timestamps tie a lot).
@@ -63,7 +63,9 @@ def preprocess(
         rating=rating,
         split=split,
     )
-    meta = raw.items.drop_duplicates("item_id", keep="first").set_index("item_id")
+    repeated = raw.items.duplicated("item_id", keep="first")  # Amazon meta files repeat some items: first wins
+    report["removed_duplicate_catalogue_rows"] = int(repeated.sum())
+    meta = raw.items[~repeated].set_index("item_id")
     report["catalogue_items_without_interactions"] = int(len(meta) - meta.index.isin(item_ids).sum())
     meta = meta.reindex(item_ids)
     fields = {c: [None if (v is None or (isinstance(v, float) and np.isnan(v))) else v for v in meta[c]]

@@ -7,13 +7,58 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from genrec.errors import DataError  # noqa: F401  (re-exported: the data layer's error)
+from genrec.errors import DataError  # also re-exported: the data layer's error
 
 # Official split labels (timestamp protocol); -1 = no label.
 SPLIT_CODES = {"train": 0, "valid": 1, "test": 2, "history_only": 3}
 SPLIT_NAMES = {v: k for k, v in SPLIT_CODES.items()}
 
 ITEM_TEXT_FIELDS = ("title", "brand", "categories", "description")
+
+# What a missing id turns into when a frame with nulls goes through astype(str) (or pandas' NA strings):
+# never a real id, always an upstream loss, so refused like an empty cell.
+MISSING_MARKERS = ("nan", "NaN", "None", "null", "NULL", "NA", "N/A", "<NA>")
+
+# Largest accepted timestamp: any unix time in s/ms/µs fits, and int64 conversion can never overflow.
+MAX_TIMESTAMP = 2**62
+
+
+@dataclass(frozen=True)
+class Origin:
+    """Where table rows come from, so that messages name the file and the row as the user sees it.
+
+    ``first`` is the number of row 0 (2 for a CSV with a header: data row i is file line i + 2; 1 for parquet);
+    ``lines`` gives per-row line numbers instead (JSON lines, where blank lines are skipped).
+    """
+
+    source: str
+    first: int = 2
+    lines: np.ndarray | None = None
+
+    def place(self, pos: int) -> str:
+        """'line 7' / 'row 7' for the row at position ``pos``."""
+        return f"line {int(self.lines[pos])}" if self.lines is not None else f"row {pos + self.first}"
+
+    def at(self, pos: int, column: str) -> str:
+        kind = "field" if self.lines is not None else "column"
+        return f"{self.source}: {self.place(pos)}, {kind} '{column}'"
+
+
+def show(value) -> str:
+    """repr of a cell as the user wrote it (numpy scalars as plain Python values)."""
+    return repr(value.item() if isinstance(value, np.generic) else value)
+
+
+def first_bad(bad: pd.Series | np.ndarray, what: str) -> tuple[int, str]:
+    """Position of the first flagged row and a note on how many more there are."""
+    bad = np.asarray(bad, dtype=bool)
+    n = int(bad.sum())
+    return int(np.flatnonzero(bad)[0]), (f" ({n} {what} like this; first shown)" if n > 1 else "")
+
+
+def is_id_value(value) -> bool:
+    """Ids are strings or integers; floats (1.0 → '1.0'), bools, lists and dicts are refused."""
+    return isinstance(value, (str, int, np.integer)) and not isinstance(value, (bool, np.bool_))
 
 
 def require_columns(df: pd.DataFrame, required: tuple[str, ...], source: str) -> None:
@@ -24,17 +69,56 @@ def require_columns(df: pd.DataFrame, required: tuple[str, ...], source: str) ->
         )
 
 
-def check_timestamps(values: pd.Series, source: str, column: str = "timestamp", row_offset: int = 2) -> np.ndarray:
-    """Integer, non-negative timestamps; the error names the first bad row (1-based file line by default)."""
-    numeric = pd.to_numeric(values, errors="coerce")
-    bad = numeric.isna() | (numeric < 0) | (numeric != np.floor(numeric))
-    if bad.any():
-        pos = int(np.flatnonzero(bad.to_numpy())[0])
+def check_unique_columns(names: list, source: str) -> None:
+    """pandas renames a repeated header to ``name.1``: a silently lost column, so refuse it."""
+    seen, dups = set(), []
+    for name in names:
+        if name in seen and name not in dups:
+            dups.append(name)
+        seen.add(name)
+    if dups:
+        raise DataError(f"{source}: duplicate column name(s) {dups} in the header {list(names)}; keep one of each")
+
+
+def check_ids(values: pd.Series, where: Origin, column: str) -> pd.Series:
+    """Non-empty string or integer ids, returned as strings (a missing id would become the string 'nan')."""
+    if pd.api.types.infer_dtype(values, skipna=True) not in ("string", "integer", "empty"):
+        bad = values.notna().to_numpy() & ~values.map(is_id_value).to_numpy(dtype=bool)  # NaN: missing, below
+        if bad.any():
+            pos, more = first_bad(bad, "rows")
+            raise DataError(
+                f"{where.at(pos, column)}: expected a string or integer id, got {show(values.iloc[pos])}{more}"
+            )
+    missing = values.isna()
+    text = values.astype(object).where(~missing, "").astype(str)
+    blank = missing.to_numpy() | (text.str.strip() == "").to_numpy() | text.isin(MISSING_MARKERS).to_numpy()
+    if blank.any():
+        pos, more = first_bad(blank, "rows")
+        got = "" if missing.iloc[pos] else text.iloc[pos]
+        raise DataError(f"{where.at(pos, column)}: expected a non-empty id, got {got!r}{more}")
+    return text
+
+
+def check_timestamps(values: pd.Series, where: Origin, column: str = "timestamp") -> np.ndarray:
+    """Finite, integer, non-negative unix times up to MAX_TIMESTAMP, as int64 (1e20 would wrap to INT64_MIN)."""
+    if pd.api.types.is_datetime64_any_dtype(values):
         raise DataError(
-            f"{source}: row {pos + row_offset}, column '{column}': expected a non-negative integer (unix time), "
-            f"got {values.iloc[pos]!r}"
+            f"{where.source}: column '{column}': expected integer unix times, got a {values.dtype} column "
+            f"(convert it, e.g. df['{column}'].astype('int64') // 10**9 for seconds)"
         )
-    return numeric.to_numpy().astype(np.int64)
+    numeric = pd.to_numeric(values, errors="coerce").astype(np.float64).to_numpy()
+    with np.errstate(invalid="ignore"):
+        bad = ~np.isfinite(numeric) | (numeric < 0) | (numeric > MAX_TIMESTAMP) | (numeric != np.floor(numeric))
+    if bad.any():
+        pos, more = first_bad(bad, "rows")
+        raise DataError(
+            f"{where.at(pos, column)}: expected a non-negative integer (unix time) up to 2**62, "
+            f"got {show(values.iloc[pos])}{more}"
+        )
+    # through float64 only when the values are not int64 already (floats lose precision above 2**53)
+    if pd.api.types.is_integer_dtype(values):
+        return values.to_numpy().astype(np.int64)
+    return numeric.astype(np.int64)
 
 
 @dataclass
@@ -44,6 +128,7 @@ class RawData:
     interactions: pd.DataFrame  # user_id, item_id (str), timestamp (int64)[, rating][, split]
     items: pd.DataFrame  # item_id (str) + any of ITEM_TEXT_FIELDS
     source: str  # human-readable origin for messages
+    counts: dict[str, int] = field(default_factory=dict)  # reader-side facts for the preprocessing report
 
 
 @dataclass

@@ -124,8 +124,30 @@ def _finish(
     return inst.select(by_time)
 
 
-def build_period_instances(table: InteractionTable, fractions: list[float], max_history: int = 20):
-    """Instances of the period protocol; returns (instances, period of each table row)."""
+def check_instances(inst: Instances, num_periods: int, advice: str) -> None:
+    """Every period needs train, valid and test instances (each is trained on, validated and tested in turn);
+    without this check an empty split fails only later, inside training. ``advice`` says what to change."""
+    if len(inst) == 0:
+        raise DataError(
+            "no prediction instance at all: no interaction can be a target (a user's first interaction never is, "
+            f"so users need at least 2 interactions); {advice}"
+        )
+    counts = np.bincount(inst.period.astype(np.int64) * 3 + inst.split, minlength=num_periods * 3)
+    counts = counts.reshape(num_periods, 3)
+    empty = np.flatnonzero((counts == 0).any(axis=1))
+    if len(empty):
+        shown = ", ".join(f"period {p} (train {counts[p, TRAIN]}, valid {counts[p, VALID]}, test {counts[p, TEST]})"
+                          for p in empty)
+        raise DataError(f"every period needs train, valid and test instances; missing in {shown}; {advice}")
+
+
+def build_period_instances(
+    table: InteractionTable, fractions: list[float], max_history: int = 20, check: bool = True
+):
+    """Instances of the period protocol; returns (instances, period of each table row).
+
+    ``check``: refuse a period without train, valid or test instances (off only for hand-built unit tests).
+    """
     period_rows = period_of_rows(len(table), fractions)
     order, starts = _user_sorted(table)
     n = len(order)
@@ -138,11 +160,16 @@ def build_period_instances(table: InteractionTable, fractions: list[float], max_
     group_end = np.minimum.accumulate(np.where(last_of_group, np.arange(len(pos)), len(pos))[::-1])[::-1]
     rank_from_end = group_end - np.arange(len(pos))
     split = np.where(rank_from_end == 0, TEST, np.where(rank_from_end == 1, VALID, TRAIN))
-    return _finish(table, order, starts, pos, split, period_rows, max_history), period_rows
+    inst = _finish(table, order, starts, pos, split, period_rows, max_history)
+    if check:
+        check_instances(inst, len(fractions), (
+            f"{len(table)} interactions cut by period_fractions {list(fractions)}: use fewer periods or larger "
+            f"fractions, or more data"))
+    return inst, period_rows
 
 
-def build_timestamp_instances(table: InteractionTable, max_history: int = 20):
-    """Instances of the official timestamp split (needs ``table.split``); all in period 0."""
+def build_timestamp_instances(table: InteractionTable, max_history: int = 20, check: bool = True):
+    """Instances of the official timestamp split (needs ``table.split``); all in period 0 (``check``: as above)."""
     if table.split is None:
         raise DataError("the timestamp protocol needs split labels (splits.csv or the official benchmark files)")
     if np.any(table.split < 0):
@@ -152,7 +179,12 @@ def build_timestamp_instances(table: InteractionTable, max_history: int = 20):
     labels = table.split[order]
     eligible = (np.arange(len(order)) != starts) & (labels <= TEST)
     pos = np.flatnonzero(eligible)
-    return _finish(table, order, starts, pos, labels[pos], period_rows, max_history), period_rows
+    inst = _finish(table, order, starts, pos, labels[pos], period_rows, max_history)
+    if check:
+        check_instances(inst, 1, (
+            "check the split labels (splits.csv or the official files): each of train, valid and test needs rows "
+            "that are not a user's first interaction"))
+    return inst, period_rows
 
 
 def new_items_per_period(table: InteractionTable, period_rows: np.ndarray) -> list[np.ndarray]:

@@ -8,12 +8,14 @@ novelty boost so they do get interactions), and from ``drift_start`` on the cate
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 
-from genrec.data.schema import RawData
+from genrec.data.schema import DataError, RawData
+from genrec.errors import ConfigError
 
 _CATEGORY_WORDS = [
     ("Notebook", ["Spiral", "Lined", "Dotted", "Grid", "Pocket", "Hardcover"]),
@@ -47,6 +49,31 @@ class SyntheticConfig:
     drift_start: float = 0.6  # fraction of the time axis after which co-occurrences drift
     num_time_steps: int = 1_000_000  # timestamps are integers in [0, num_time_steps)
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name, low in (("num_users", 1), ("num_items", 1), ("num_categories", 1), ("num_time_steps", 2)):
+            check_int(f"data.synthetic.{name}", getattr(self, name), low)
+        if self.num_categories > len(_CATEGORY_WORDS):  # would be clamped silently otherwise
+            raise ConfigError(
+                f"data.synthetic.num_categories: expected at most {len(_CATEGORY_WORDS)} (the built-in category "
+                f"names), got {self.num_categories}"
+            )
+        for name in ("initial_item_fraction", "stay_probability", "drift_start"):
+            check_number(f"data.synthetic.{name}", getattr(self, name), 0.0, 1.0)
+        check_number("data.synthetic.interactions_per_user", self.interactions_per_user, 0.0, math.inf)
+        check_number("data.synthetic.novelty_boost", self.novelty_boost, 0.0, math.inf)
+
+
+def check_int(name: str, value, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ConfigError(f"{name}: expected an integer >= {low}, got {value!r}")
+
+
+def check_number(name: str, value, low: float, high: float) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and low <= value <= high
+    if not ok:  # NaN fails the comparison too
+        bounds = f">= {low}" if math.isinf(high) else f"in [{low}, {high}]"
+        raise ConfigError(f"{name}: expected a number {bounds}, got {value!r}")
 
 
 def generate_synthetic(cfg: SyntheticConfig) -> RawData:
@@ -122,6 +149,8 @@ def generate_synthetic(cfg: SyntheticConfig) -> RawData:
             out_i.append(members[np.minimum(idx[ok], len(members) - 1)])
             out_t.append(t[who][ok].astype(np.int64))
     users, item_seq, times = np.concatenate(out_u), np.concatenate(out_i), np.concatenate(out_t)
+    if len(users) == 0:  # tiny catalogues whose items all launch after every user is done
+        raise DataError(f"synthetic data with {cfg} has no interactions; use more users or items")
     inter = pd.DataFrame(
         {
             "user_id": np.char.add("U", np.char.zfill(users.astype(str), 7)),

@@ -18,6 +18,7 @@ import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
+from typing import Literal
 
 import numpy as np
 import torch
@@ -48,6 +49,7 @@ from genrec.editing.knowledge import (
 )
 from genrec.editing.probe import LAYER_MODES, choose_layers, probe_accuracy_matrix
 from genrec.editing.values import VALUE_PROFILES, ValueConfig, optimise_values
+from genrec.errors import ConfigError
 from genrec.tokenizers.sid import SemanticIdTable
 
 PHASES = ("knowledge", "keys", "probe", "values", "covariance", "solve", "diagnostics")
@@ -65,20 +67,20 @@ class EditConfig:
     """Pseudo histories per cold item (``number_knowledge``; paper Fig. 6 sweeps it; Scripts/edit.sh uses 10)."""
     num_neighbours: int = 10
     """k warm neighbours by text cosine (``topk`` of prepare_edit_data.py)."""
-    pseudo_policy: str = "script"
+    pseudo_policy: Literal["script", "notebook"] = "script"
     """``script``: the released prepare_edit_data.py (history cut before a neighbour's occurrence, canonical);
     ``notebook``: the reference notebook's generator (longest prefixes, neighbour inserted twice, ≤ 2 items
     deleted, the cold item inserted in the first half) — request keys then differ from the training rows'."""
-    neighbour_pool: str = "train_targets"
+    neighbour_pool: Literal["train_targets", "given"] = "train_targets"
     """``train_targets``: the given warm items that occur as training targets (only they yield histories; the
     paper's I_warm); ``given``: every given warm item (closer to the released pool I_trainSeq)."""
-    knowledge: str = "pseudo"
+    knowledge: Literal["pseudo", "upper_bound"] = "pseudo"
     """``pseudo`` (paper) or ``upper_bound`` (true histories of the cold items from eval arrays; leaks)."""
     upper_bound_max_per_item: int | None = None
     """Cap on true histories per cold item (None = one request per evaluation instance, as released)."""
     positions: list[int] | None = None
     """SID positions to edit (None = all L+1 tokens, the reference's pos2layer length)."""
-    layer_mode: str = "probe"
+    layer_mode: Literal["probe", "fixed", "random", "worst"] = "probe"
     """``probe`` (paper), ``fixed`` (``fixed_layers``), ``random`` / ``worst`` (Table 3 ablations)."""
     fixed_layers: list[int] = field(default_factory=lambda: [0, 1, 2, 3])
     """pos2layer for ``layer_mode='fixed'`` (released default [0, 1, 2, 3])."""
@@ -94,7 +96,7 @@ class EditConfig:
     value_beta: float = 0.2
     """β·‖δ‖/‖z⁰‖ (reference); 0.0 reproduces the paper's pure cross-entropy Eq. 8."""
     value_clamp: float = 8000.0
-    value_profile: str = "released"
+    value_profile: Literal["released", "clean"] = "released"
     """``released``: store δ after the successful step's update (reference); ``clean``: the δ that succeeded."""
     position_wise: bool = True
     """False = "w/o position-wise": one object-wise edit per history at layer l* and step 0, δ trained on the
@@ -126,13 +128,13 @@ class EditConfig:
         ]
         for name, value, allowed in checks:
             if value not in allowed:
-                raise ValueError(f"EditConfig.{name} must be one of {allowed}, got {value!r}")
+                raise ConfigError(f"EditConfig.{name} must be one of {allowed}, got {value!r}")
         if self.cov_lambda < 0:
-            raise ValueError(f"EditConfig.cov_lambda must be >= 0, got {self.cov_lambda}")
+            raise ConfigError(f"EditConfig.cov_lambda must be >= 0, got {self.cov_lambda}")
         for name in ("histories_per_item", "num_neighbours", "probe_max_per_class", "key_batch_size",
                      "value_batch_size", "cov_batch_size"):
             if getattr(self, name) < 1:
-                raise ValueError(f"EditConfig.{name} must be >= 1, got {getattr(self, name)}")
+                raise ConfigError(f"EditConfig.{name} must be >= 1, got {getattr(self, name)}")
 
     def value_config(self) -> ValueConfig:
         return ValueConfig(

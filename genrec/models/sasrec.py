@@ -24,10 +24,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from genrec.errors import ConfigError
 
 PAD_ITEM = -1
 _LOSSES = ("ce", "bce")
@@ -51,12 +54,12 @@ class SASRecConfig:
     """Dropout on embeddings, attention weights and FFN (paper: 0.2 on MovieLens-1M, 0.5 on sparse Amazon sets)."""
     max_len: int = 20
     """Maximum sequence length n = the datamodule's history length N (paper: 50 / 200)."""
-    loss: str = "ce"
+    loss: Literal["ce", "bce"] = "ce"
     """'ce' = full softmax cross-entropy over all items (default, stronger on small data); 'bce' = the paper's
     binary cross-entropy with sampled negatives."""
     num_negatives: int = 1
     """Sampled negatives per position for loss='bce' (paper: 1)."""
-    train_positions: str = "all"
+    train_positions: Literal["all", "last"] = "all"
     """'all' = predict the next item at every history position (the paper's objective; targets = history
     shifted left + the instance target); 'last' = only the instance target at the last position."""
     layer_norm_eps: float = 1e-8
@@ -64,22 +67,22 @@ class SASRecConfig:
 
     def __post_init__(self) -> None:
         if self.num_items < 0:
-            raise ValueError(f"SASRecConfig.num_items must be >= 0, got {self.num_items}")
+            raise ConfigError(f"SASRecConfig.num_items must be >= 0, got {self.num_items}")
         if self.hidden <= 0 or self.hidden % self.num_heads:
-            raise ValueError(
+            raise ConfigError(
                 f"SASRecConfig.hidden must be a positive multiple of num_heads, got hidden={self.hidden}, "
                 f"num_heads={self.num_heads}"
             )
         if self.num_layers < 1 or self.max_len < 1:
-            raise ValueError(f"SASRecConfig.num_layers and max_len must be >= 1, got {self.num_layers}, {self.max_len}")
+            raise ConfigError(f"SASRecConfig.num_layers and max_len must be >= 1, got {self.num_layers}, {self.max_len}")
         if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"SASRecConfig.dropout must be in [0, 1), got {self.dropout}")
+            raise ConfigError(f"SASRecConfig.dropout must be in [0, 1), got {self.dropout}")
         if self.loss not in _LOSSES:
-            raise ValueError(f"SASRecConfig.loss must be one of {_LOSSES}, got {self.loss!r}")
+            raise ConfigError(f"SASRecConfig.loss must be one of {_LOSSES}, got {self.loss!r}")
         if self.num_negatives < 1:
-            raise ValueError(f"SASRecConfig.num_negatives must be >= 1, got {self.num_negatives}")
+            raise ConfigError(f"SASRecConfig.num_negatives must be >= 1, got {self.num_negatives}")
         if self.train_positions not in _POSITIONS:
-            raise ValueError(f"SASRecConfig.train_positions must be one of {_POSITIONS}, got {self.train_positions!r}")
+            raise ConfigError(f"SASRecConfig.train_positions must be one of {_POSITIONS}, got {self.train_positions!r}")
 
 
 class SASRec(nn.Module):

@@ -16,11 +16,13 @@ Sequence layout used here (decision for this project, no EOS token, like DACT):
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import Literal
 
 import numpy as np
 import torch
 from transformers import T5Config, T5ForConditionalGeneration
 
+from genrec.errors import ConfigError
 from genrec.tokenizers.sid import PAD_TOKEN, SemanticIdTable
 
 _FFN_KINDS = ("gated-silu", "relu")
@@ -44,7 +46,7 @@ class TigerConfig:
     """FFN inner width (the GenRecEdit keys live in this space)."""
     dropout: float = 0.1
     """Dropout rate of every T5 dropout layer."""
-    feed_forward_proj: str = "gated-silu"
+    feed_forward_proj: Literal["gated-silu", "relu"] = "gated-silu"
     """'gated-silu' (decision 1, GenRecEdit) or 'relu' (DACT parity)."""
     max_history_items: int = 20
     """Most recent history items fed to the encoder (both papers: 20)."""
@@ -59,7 +61,7 @@ class TigerConfig:
 
     def __post_init__(self) -> None:
         if self.feed_forward_proj not in _FFN_KINDS:
-            raise ValueError(
+            raise ConfigError(
                 f"TigerConfig.feed_forward_proj must be one of {_FFN_KINDS}, got {self.feed_forward_proj!r}"
             )
         for name in (
@@ -72,11 +74,11 @@ class TigerConfig:
             "max_history_items",
         ):
             if getattr(self, name) < 1:
-                raise ValueError(f"TigerConfig.{name} must be >= 1, got {getattr(self, name)}")
+                raise ConfigError(f"TigerConfig.{name} must be >= 1, got {getattr(self, name)}")
         if self.num_user_tokens < 0:
-            raise ValueError(f"TigerConfig.num_user_tokens must be >= 0, got {self.num_user_tokens}")
+            raise ConfigError(f"TigerConfig.num_user_tokens must be >= 0, got {self.num_user_tokens}")
         if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"TigerConfig.dropout must lie in [0, 1), got {self.dropout}")
+            raise ConfigError(f"TigerConfig.dropout must lie in [0, 1), got {self.dropout}")
 
     def model_vocab_size(self, sid_vocab_size: int) -> int:
         """Vocabulary of the T5: the SID table's tokens followed by the user tokens."""

@@ -28,12 +28,14 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import asdict, dataclass
+from typing import Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from genrec.errors import ConfigError
 from genrec.tokenizers.rqvae import RQVAE
 
 
@@ -69,7 +71,7 @@ class DACTConfig:
     """Ablation "w/o Global": False drops the global KL term."""
     reassignment: bool = True
     """Ablation "w/o Re-assign": False re-infers every code after fine-tuning (see ``reassign_mode``)."""
-    loss_scope: str = "batch"
+    loss_scope: Literal["batch", "group"] = "batch"
     """"batch" (reference): each branch loss over the whole batch, anchor normalised by |B|·d.
     "group" (paper-literal): L_drift over the drifting rows only, L_stat and the anchor over the
     stationary rows only (CF contrast within each group)."""
@@ -90,13 +92,13 @@ class DACTConfig:
 
     def __post_init__(self) -> None:
         if not 0.0 < self.drift_ratio <= 1.0:
-            raise ValueError(f"DACTConfig.drift_ratio must be in (0, 1], got {self.drift_ratio}")
+            raise ConfigError(f"DACTConfig.drift_ratio must be in (0, 1], got {self.drift_ratio}")
         for name in ("kl_temperature", "attention_temperature"):
             if getattr(self, name) <= 0:
-                raise ValueError(f"DACTConfig.{name} must be > 0, got {getattr(self, name)}")
+                raise ConfigError(f"DACTConfig.{name} must be > 0, got {getattr(self, name)}")
         for name in ("num_slots", "hidden_dim", "head_hidden_dim", "batch_size"):
             if int(getattr(self, name)) < 1:
-                raise ValueError(f"DACTConfig.{name} must be ≥ 1, got {getattr(self, name)}")
+                raise ConfigError(f"DACTConfig.{name} must be ≥ 1, got {getattr(self, name)}")
         for name in (
             "stat_weight",
             "anchor_weight",
@@ -107,11 +109,11 @@ class DACTConfig:
             "weight_decay",
         ):
             if getattr(self, name) < 0:
-                raise ValueError(f"DACTConfig.{name} must be ≥ 0, got {getattr(self, name)}")
+                raise ConfigError(f"DACTConfig.{name} must be ≥ 0, got {getattr(self, name)}")
         if self.epochs < 0 or self.warmup_epochs < 0:
-            raise ValueError("DACTConfig.epochs and DACTConfig.warmup_epochs must be ≥ 0")
+            raise ConfigError("DACTConfig.epochs and DACTConfig.warmup_epochs must be ≥ 0")
         if self.loss_scope not in ("batch", "group"):
-            raise ValueError(f"DACTConfig.loss_scope must be 'batch' or 'group', got {self.loss_scope!r}")
+            raise ConfigError(f"DACTConfig.loss_scope must be 'batch' or 'group', got {self.loss_scope!r}")
 
 
 def reassign_mode(config: DACTConfig) -> str:

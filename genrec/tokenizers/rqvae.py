@@ -17,12 +17,14 @@ from __future__ import annotations
 import itertools
 import math
 from dataclasses import dataclass, field
+from typing import Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from genrec.errors import ConfigError
 from genrec.tokenizers.rkmeans import ResidualKMeans, squared_distances
 from genrec.tokenizers.sid import SemanticIdTable
 
@@ -49,7 +51,7 @@ class RQVAEConfig:
     """LETTER collaborative-regulariser weight α (0 disables it)."""
     cf_temperature: float = 1.0
     """InfoNCE temperature; DACT's reference has none (= 1.0)."""
-    cf_similarity: str = "cosine"
+    cf_similarity: Literal["cosine", "dot"] = "cosine"
     """"cosine" (DACT's CF loss) or "dot" (LETTER's original raw dot products)."""
     cf_dim: int | None = None
     """Width of the CF item embedding; when set and ≠ latent_dim a linear projection maps CF → latent."""
@@ -80,13 +82,13 @@ class RQVAEConfig:
         self.hidden_dims = tuple(int(h) for h in self.hidden_dims)
         for name in ("input_dim", "latent_dim", "num_levels", "codebook_size", "kmeans_iters", "sinkhorn_iters"):
             if int(getattr(self, name)) < 1:
-                raise ValueError(f"RQVAEConfig.{name} must be ≥ 1, got {getattr(self, name)}")
+                raise ConfigError(f"RQVAEConfig.{name} must be ≥ 1, got {getattr(self, name)}")
         if self.cf_similarity not in ("cosine", "dot"):
-            raise ValueError(f"RQVAEConfig.cf_similarity must be 'cosine' or 'dot', got {self.cf_similarity!r}")
+            raise ConfigError(f"RQVAEConfig.cf_similarity must be 'cosine' or 'dot', got {self.cf_similarity!r}")
         if self.cf_temperature <= 0:
-            raise ValueError(f"RQVAEConfig.cf_temperature must be > 0, got {self.cf_temperature}")
+            raise ConfigError(f"RQVAEConfig.cf_temperature must be > 0, got {self.cf_temperature}")
         if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"RQVAEConfig.dropout must be in [0, 1), got {self.dropout}")
+            raise ConfigError(f"RQVAEConfig.dropout must be in [0, 1), got {self.dropout}")
 
 
 # --------------------------------------------------------------------------------------------- quantisers
