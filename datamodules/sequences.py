@@ -9,8 +9,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from genrec.data.config import DataConfig
 from genrec.data.pipeline import PreparedDataset, load_or_prepare
-from genrec.errors import ConfigError, DataError
 from genrec.data.splits import TEST, TRAIN, VALID, Instances
+from genrec.errors import ConfigError, DataError
 
 SUBSETS = ("overall", "warm", "cold", "new")
 

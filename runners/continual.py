@@ -136,7 +136,7 @@ class ContinualConfig:
     suffix_size: int = 256
 
     def __post_init__(self) -> None:
-        tok, rec = self.resolved()
+        tok, _ = self.resolved()
         if not self.ks or min(self.ks) < 1:
             raise ConfigError(f"continual.ks: expected positive metric cut-offs, got {self.ks}")
         if self.num_beams < max(self.ks):

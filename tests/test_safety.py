@@ -73,16 +73,14 @@ def test_claim_dir_refuses_user_folders_cwd_and_data_root(tmp_path, monkeypatch)
 
 def test_staged_dir_is_all_or_nothing_and_replaces_ours_only_with_overwrite(tmp_path):
     out = tmp_path / "out"
-    with pytest.raises(RuntimeError):
-        with staged_dir(out, "edit") as tmp:
-            atomic_write_text(tmp / "a.txt", "1")
-            raise RuntimeError("failed half way")
+    with pytest.raises(RuntimeError), staged_dir(out, "edit") as tmp:
+        atomic_write_text(tmp / "a.txt", "1")
+        raise RuntimeError("failed half way")
     assert not out.exists() and list(tmp_path.iterdir()) == []
     with staged_dir(out, "edit") as tmp:
         atomic_write_text(tmp / "a.txt", "1")
-    with pytest.raises(OutputError, match="--overwrite"):
-        with staged_dir(out, "edit") as tmp:
-            pass
+    with pytest.raises(OutputError, match="--overwrite"), staged_dir(out, "edit") as tmp:
+        pass
     with pytest.raises(OutputError, match="another kind"):
         claim_dir(out, "prepared", overwrite=True)
     with staged_dir(out, "edit", overwrite=True) as tmp:
@@ -131,8 +129,8 @@ def test_prepare_refuses_the_data_root_and_the_current_directory(tmp_path, monke
 
 
 def test_prepare_embed_failure_leaves_nothing(tmp_path, monkeypatch):
-    import genrec.data.pipeline as pipeline
     from genrec.cli import run_prepare
+    from genrec.data import pipeline
 
     def fail(ds, show_progress=True):
         raise OSError(errno.ENOSPC, "No space left on device")
@@ -180,7 +178,7 @@ def test_period_tokenizer_never_sees_future_items():
     rng = np.random.default_rng(0)
     emb = rng.normal(size=(60, 16)).astype(np.float32)
     fit = np.arange(40)  # items of the training periods; 40..59 launch later
-    kw = dict(num_levels=2, codebook_size=4, suffix_size=16, iters=10, seed=0, pca_dim=8)
+    kw = {"num_levels": 2, "codebook_size": 4, "suffix_size": 16, "iters": 10, "seed": 0, "pca_dim": 8}
     a = rkmeans_sid_table(emb, fit, np.arange(60), **kw)
     changed = emb.copy()
     changed[45] = rng.normal(size=16) * 10  # a future item's text changes
@@ -193,8 +191,8 @@ def test_period_tokenizer_never_sees_future_items():
 
 
 def test_tiger_module_builds_sids_from_training_period_items_only(tmp_path, monkeypatch):
-    import genrec.tokenizers.period as period
     from datamodules.sequences import SequenceDataModule
+    from genrec.tokenizers import period
     from lightning_modules.tiger import TigerModule, build_sid_table_rkmeans
 
     seen = {}
@@ -293,7 +291,7 @@ def test_metrics_json_holds_exactly_one_evaluation(ckpt, tmp_path):
 def test_user_tokens_enter_the_encoder_input(ckpt):
     from lightning_modules.tiger import TigerModule, user_tokens
 
-    root, path = ckpt
+    _, path = ckpt
     plain = TigerModule.load_from_checkpoint(path, weights_only=True)
     cfg = TigerConfig(**{**TINY.to_dict(), "num_user_tokens": 7})
     with_users = TigerModule(cfg, num_levels=2, codebook_size=8, suffix_size=32, ks=(5,), num_beams=5)
