@@ -61,14 +61,22 @@ def train_rqvae(dm, args, workdir: str) -> str:
 
     from datamodules.item_embeddings import ItemEmbeddingDataModule
     from genrec.data.pipeline import item_embeddings
-    from genrec.tokenizers.rqvae import RQVAEConfig, build_sid_table
+    import numpy as np
+
+    from genrec.tokenizers.period import items_known_until, table_from_coder
+    from genrec.tokenizers.rqvae import RQVAEConfig
     from lightning_modules.rqvae import RQVAEModule
 
-    emb = item_embeddings(dm.load(), show_progress=False)
-    module = RQVAEModule(RQVAEConfig(input_dim=emb.shape[1], codebook_size=args.codebook_size), warmup_epochs=10)
+    ds = dm.load()
+    emb = item_embeddings(ds, show_progress=False)
+    # fitted on the items known by the end of the training period only; later items are coded by inference
+    known = items_known_until(ds.item_first_period(), dm.tokenizer_periods())
+    cfg = RQVAEConfig(input_dim=emb.shape[1], codebook_size=args.codebook_size)
+    module = RQVAEModule(cfg, warmup_epochs=10)
     L.Trainer(max_epochs=args.rqvae_epochs, accelerator="auto", logger=False, enable_checkpointing=False,
-              enable_progress_bar=False).fit(module, datamodule=ItemEmbeddingDataModule.from_arrays(emb))
-    table = build_sid_table(module.model.eval().get_codes(emb))
+              enable_progress_bar=False).fit(module, datamodule=ItemEmbeddingDataModule.from_arrays(emb[known]))
+    table = table_from_coder(module.model.eval(), emb, known, cfg.num_levels, cfg.codebook_size, 256,
+                             all_items=np.arange(len(emb)))
     path = str(Path(workdir) / "sid_table.parquet")
     table.save(path)
     return path

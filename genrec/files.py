@@ -29,8 +29,11 @@ MARKER = ".genrec.json"
 
 
 # ----------------------------------------------------------------------------- atomic files
-def _disk_full(exc: OSError, path: Path) -> bool:
-    return getattr(exc, "errno", None) in (errno.ENOSPC, errno.EDQUOT)
+def _disk_full(exc: BaseException) -> bool:
+    """ENOSPC / EDQUOT, also when torch or pyarrow re-raise it as their own exception type."""
+    if getattr(exc, "errno", None) in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    return "No space left on device" in str(exc) or "Disk quota exceeded" in str(exc)
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
@@ -45,10 +48,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path
         os.replace(tmp, path)
     except BaseException as exc:
         tmp.unlink(missing_ok=True)
-        if isinstance(exc, OSError) and _disk_full(exc, path):
-            raise DiskFullError(f"disk full while writing {path} (nothing was written there)") from None
-        # torch.save and pyarrow wrap the OS error in their own exception types
-        if "No space left on device" in str(exc):
+        if _disk_full(exc) and not isinstance(exc, DiskFullError):
             raise DiskFullError(f"disk full while writing {path} (nothing was written there)") from None
         raise
     return path
@@ -174,6 +174,6 @@ def staged_dir(path: str | os.PathLike, kind: str, overwrite: bool = False, prot
             shutil.rmtree(old, ignore_errors=True)
     except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(exc, OSError) and _disk_full(exc, target):
+        if _disk_full(exc) and not isinstance(exc, DiskFullError):
             raise DiskFullError(f"disk full while writing {target} (nothing was written there)") from None
         raise

@@ -145,3 +145,19 @@ def test_wandb_run_is_resumed_and_finished_cleanly(tmp_path):
         assert "HandleAbandonedError" not in (r / "logs" / "debug.log").read_text()
     summary = json.loads((runs[-1] / "files" / "wandb-summary.json").read_text())
     assert "mean/test/recall@5/overall" in summary
+
+
+def test_dact_stage_runs_for_dact_epochs(tmp_path, monkeypatch):
+    data, cfg = tiny(tmp_path / "run", method="dact", last_period=1)
+    cfg.dact = DACTConfig(epochs=3, batch_size=64, warmup_epochs=0)
+    cfg.finetune_tokenizer_stage = StageConfig(epochs=1, lr=1e-4, batch_size=64)
+    stages = []
+    real = ContinualRunner.trainer
+
+    def spy(self, epochs, t, stage, **kw):
+        stages.append((t, stage, epochs))
+        return real(self, epochs, t, stage, **kw)
+
+    monkeypatch.setattr(ContinualRunner, "trainer", spy)
+    ContinualRunner(data, cfg).run()
+    assert (1, "dact", 3) in stages and all(s != "tokenizer" for _, s, _ in stages)
