@@ -58,11 +58,10 @@ def train_tiger(args, prepared_dir: str, workdir: str) -> dict:
 
 def train_rqvae(dm, args, workdir: str) -> str:
     import lightning as L
+    import numpy as np
 
     from datamodules.item_embeddings import ItemEmbeddingDataModule
     from genrec.data.pipeline import item_embeddings
-    import numpy as np
-
     from genrec.tokenizers.period import items_known_until, table_from_coder
     from genrec.tokenizers.rqvae import RQVAEConfig
     from lightning_modules.rqvae import RQVAEModule
