@@ -160,7 +160,7 @@ def main(argv=None) -> dict:
     train = dm.split(TRAIN, dm.seen_periods)
     warm = np.unique(train.target)
     cold = np.setdiff1d(ds.new_items(1) if args.cold_items == "new" else ds.catalogue_until(1), warm)
-    edit_cfg = EditConfig(seed=args.seed + 2024)
+    edit_cfg = EditConfig(seed=args.seed)  # one seed for the base model and every draw of the edit
     if args.cov_lambda is not None:
         edit_cfg = dataclasses.replace(edit_cfg, cov_lambda=args.cov_lambda)
     if args.histories_per_item is not None:

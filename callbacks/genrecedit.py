@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -32,6 +33,7 @@ import torch
 from genrec.data.splits import TEST, TRAIN
 from genrec.editing import EditConfig, EditReport, GenRecEditor, PositionEdits, SidTableMismatchError
 from genrec.editing.keys import ffn_out_proj
+from genrec.editing.select import candidate_lambdas, choose_lambda
 from genrec.errors import ConfigError
 from genrec.tokenizers.reassign import reassign
 from genrec.tokenizers.sid import SemanticIdTable
@@ -134,7 +136,7 @@ class GenRecEditCallback(L.Callback):
         with torch.inference_mode(False), torch.enable_grad():
             return self._apply(module, datamodule, trainer)
 
-    def _apply(self, module, datamodule, trainer: L.Trainer | None) -> PositionEdits:
+    def _apply(self, module, datamodule, trainer: L.Trainer | None) -> PositionEdits | None:
         if self._active_on is not None:
             self.remove(self._active_on)
         ds = datamodule.load()
@@ -156,34 +158,74 @@ class GenRecEditCallback(L.Callback):
         world = trainer.world_size if trainer is not None else 1
         rank0 = trainer is None or trainer.is_global_zero
         start = time.perf_counter()
-        state, report = None, None
+        state, report, choice = None, None, None
         if rank0:
             eval_inst = None
             if cfg.knowledge == "upper_bound":
                 period = self.cold_period if self.cold_period is not None else datamodule.eval_period
                 eval_inst = datamodule.split(TEST, [period])
-            edits, report = GenRecEditor(cfg).edit(
+            plan = GenRecEditor(cfg).prepare(
                 module.t5, table, cold, emb[cold], emb[warm], train.history, train.target, warm_items=warm,
                 eval_history=None if eval_inst is None else eval_inst.history,
                 eval_target=None if eval_inst is None else eval_inst.target,
                 history_encoder=module_history_encoder(module),
             )
-            state = edits.state_dict()
+            if cfg.cov_lambda == "auto":
+                edits, choice = self.choose_lambda(plan, module, datamodule)
+            else:
+                edits = plan.solve(float(cfg.cov_lambda))
+            report = plan.report(edits)
+            if choice is not None:
+                report.selection = {"cov_lambda": choice.cov_lambda, "reason": choice.reason, "table": choice.table}
+            state = None if edits is None else edits.state_dict()
         if world > 1:
             # Only rank 0 optimises; the ΔW tensors (and the report) reach the others by broadcast.
             state, report = trainer.strategy.broadcast((state, report), src=0)
-        edits = PositionEdits.from_state_dict(state, table.content_hash())
-        seconds = time.perf_counter() - start
+        edits = None if state is None else PositionEdits.from_state_dict(state, table.content_hash())
         self.report = report
-        self.metrics = {"edit/seconds/total": seconds, "edit/num_cold_items": float(len(cold))}
-        self.metrics.update({f"edit/seconds/{k}": float(v) for k, v in report.times.items()})
-        self.metrics.update({f"edit/success_rate/pos{p}": float(v) for p, v in report.success_rate.items()})
-        self.metrics.update({f"edit/layer/pos{p}": float(v) for p, v in report.layers.items()})
-        # efficacy (requests) and locality (training rows): teacher-forced top-1 rate of the target token
-        for name, rates in report.diagnostics.items():
-            self.metrics.update({f"edit/top1/{name}/pos{p}": float(v) for p, v in rates.items()})
+        self.metrics = self._report_metrics(report, time.perf_counter() - start, len(cold), edits)
+        if edits is None:
+            self.edits = None
+            warnings.warn(f"GenRecEdit: {report.selection.get('reason', 'no edit applied')}", stacklevel=2)
+            return None
         self.activate(module, edits)
         return edits
+
+    def choose_lambda(self, plan, module, datamodule):
+        """``cov_lambda auto``: each candidate λ = r·m on the cold period's validation split (this process only),
+        chosen under the warm-NDCG constraint (``genrec.editing.select``); (edits or None, choice)."""
+        cfg = plan.cfg
+        loader = datamodule.val_dataloader()
+        t0 = time.perf_counter()
+        module.edit = None
+        unedited = module.evaluate_loader(loader)
+        candidates = {}
+        for lam in candidate_lambdas(plan.num_requests, cfg.auto_lambda_ratios):
+            self.activate(module, plan.solve(lam))
+            try:
+                candidates[lam] = module.evaluate_loader(loader)
+            finally:
+                self.remove(module)
+        choice = choose_lambda(unedited, candidates, cfg.max_warm_drop)
+        plan.timers.times["select"] = time.perf_counter() - t0
+        return (None if choice.cov_lambda is None else plan.solve(choice.cov_lambda)), choice
+
+    @staticmethod
+    def _report_metrics(report, seconds: float, num_cold: int, edits) -> dict[str, float]:
+        out = {"edit/seconds/total": seconds, "edit/num_cold_items": float(num_cold),
+               "edit/applied": float(edits is not None),
+               "edit/cov_lambda": float("nan") if edits is None else float(edits.cov_lambda),
+               "edit/num_requests": float(report.knowledge.get("num_histories", float("nan")))}
+        out.update({f"edit/seconds/{k}": float(v) for k, v in report.times.items()})
+        out.update({f"edit/success_rate/pos{p}": float(v) for p, v in report.success_rate.items()})
+        out.update({f"edit/layer/pos{p}": float(v) for p, v in report.layers.items()})
+        # efficacy (requests) and locality (training rows): teacher-forced top-1 rate of the target token
+        for name, rates in report.diagnostics.items():
+            out.update({f"edit/top1/{name}/pos{p}": float(v) for p, v in rates.items()})
+        for row in (report.selection or {}).get("table", []):
+            tag = f"edit/auto/lambda{row['lambda']:g}"
+            out.update({f"{tag}/{k}": float(v) for k, v in row.items() if k.startswith("val/") and v is not None})
+        return out
 
     def activate(self, module, edits: PositionEdits) -> None:
         """Put an edit set in force: One-One → ``module.edit``; otherwise merged into ``wo`` (reversibly)."""
@@ -287,7 +329,8 @@ def continual_hook(edit_config: EditConfig | None = None, merge: bool = False, e
         seen = list(getattr(runner, "_seen_periods", range(t + 1)))
         dm = runner.sequence_dm([t], nxt, seen, 256)
         original_table = module.sid_table
-        cb = GenRecEditCallback(config, cold_period=nxt, merge=merge, coder=runner.rqvae,
+        seeded = dataclasses.replace(config, seed=runner.cfg.seed + t)  # one seed reaches every draw
+        cb = GenRecEditCallback(seeded, cold_period=nxt, merge=merge, coder=runner.rqvae,
                                 embeddings=runner.embeddings)
         prefix = f"edit/period{nxt}"
         out: dict[str, float] = {}
@@ -296,14 +339,14 @@ def continual_hook(edit_config: EditConfig | None = None, merge: bool = False, e
                 cb.ensure_sids(module, dm, cb.cold_items(dm), runner.embeddings)
                 res = runner.evaluate(t, module, dm)
                 out.update({f"{prefix}/unedited/{k}": v for k, v in res.items()})
-            edits = cb.apply(module, dm)
+            edits = cb.apply(module, dm)  # None: cov_lambda auto found no safe edit
             out.update({f"{prefix}/{k}": v for k, v in cb.metrics.items()})
             res = runner.evaluate(t, module, dm)
             out.update({f"{prefix}/edited/{k}": v for k, v in res.items()})
         finally:
             cb.remove(module)
             module.set_sid_table(original_table, ds.catalogue_until(t), ds.num_items)
-        if merge and runner.tiger_state is not None:
+        if merge and edits is not None and runner.tiger_state is not None:
             names = {id(p): n for n, p in module.named_parameters()}
             for layer, dw in edits.summed_per_layer().items():
                 name = names[id(ffn_out_proj(module.t5, layer).weight)]

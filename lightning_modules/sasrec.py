@@ -107,6 +107,7 @@ class SASRecModule(CatalogueBound, L.LightningModule):
         self.register_buffer("train_item_mask", torch.zeros(0, dtype=torch.bool), persistent=False)
         self.register_buffer("eval_item_mask", torch.zeros(0, dtype=torch.bool), persistent=False)
         self.val_metrics: RankingMetrics | None = None
+        self.per_instance: dict[str, dict] = {}  # "val"/"test" → the last evaluation's per-instance values
         self.test_metrics: RankingMetrics | None = None
         if self.model is not None:
             self._build_metrics()
@@ -191,6 +192,7 @@ class SASRecModule(CatalogueBound, L.LightningModule):
     def _log_metrics(self, metrics: RankingMetrics, prefix: str) -> dict:
         values = {f"{prefix}/{k}": v.float() for k, v in item_metric_values(metrics).items()}
         self.log_dict(values, sync_dist=False)  # torchmetrics already reduced the states across ranks
+        self.per_instance[prefix] = metrics.per_instance_table()  # for paired tests across methods
         metrics.reset()
         return values
 

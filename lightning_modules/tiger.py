@@ -96,6 +96,7 @@ class TigerModule(CatalogueBound, L.LightningModule):
         self.test_metrics = RankingMetrics(ks=self.ks, sid_length=num_levels + 1)
         self.predictions: list[dict] = []
         self.extra_test_metrics: dict[str, float] = {}  # e.g. the GenRecEdit callback's edit report
+        self.per_instance: dict[str, dict] = {}  # "val"/"test" → the last evaluation's per-instance values
 
     # ------------------------------------------------------------------ SIDs
     def set_sid_table(self, table: SemanticIdTable, catalogue: np.ndarray | None = None, num_items: int | None = None):
@@ -223,6 +224,22 @@ class TigerModule(CatalogueBound, L.LightningModule):
         metrics.update(items, tokens, batch["target"], self.targets(batch["target"]), batch["subsets"],
                        instance_ids=batch["index"])
 
+    @torch.no_grad()
+    def evaluate_loader(self, loader, prefix: str = "val") -> dict[str, float]:
+        """Metrics of the current model (and edit) over a dataloader, outside any Trainer and on this process only
+        (the GenRecEdit λ selection runs it on rank 0)."""
+        metrics = RankingMetrics(ks=self.ks, sid_length=self.hparams.num_levels + 1, sync_on_compute=False)
+        metrics = metrics.to(self.device)
+        was_training = self.training
+        self.eval()
+        try:
+            for batch in loader:
+                batch = {k: v.to(self.device) for k, v in batch.items()}
+                self._eval_step(batch, metrics)
+        finally:
+            self.train(was_training)
+        return {f"{prefix}/{k}": float(v) for k, v in metrics.compute().items()}
+
     def validation_step(self, batch, batch_idx):
         self.log("val/loss", self(batch["history"], batch["target"], batch.get("user")), batch_size=len(batch["target"]))
         self._eval_step(batch, self.val_metrics)
@@ -233,6 +250,7 @@ class TigerModule(CatalogueBound, L.LightningModule):
     def _log_metrics(self, metrics: RankingMetrics, prefix: str) -> dict:
         values = {f"{prefix}/{k}": v for k, v in metrics.compute().items()}
         self.log_dict(values, sync_dist=False)  # states are already reduced across ranks by torchmetrics
+        self.per_instance[prefix] = metrics.per_instance_table()  # for paired tests across methods
         metrics.reset()
         return values
 

@@ -30,9 +30,11 @@ from genrec.editing import EditConfig
 from genrec.errors import ConfigError, RunMismatchError
 from genrec.files import (
     atomic_torch_save,
+    atomic_write,
     atomic_write_json,
     atomic_write_text,
     claim_dir,
+    read_marker,
     remove_ours,
     write_marker,
 )
@@ -80,8 +82,9 @@ class ContinualConfig:
     """The continual run.
 
     Args:
-        run_dir: Output folder (one sub-folder per period). Default: ``runs/<data.name>/continual/<method>-seed<seed>``,
-            so methods and seeds never share a folder. Re-running the same command resumes after the last finished
+        run_dir: Output folder (one sub-folder per period). Default:
+            ``runs/<data.name>/continual/<method>-seed<seed>-<hash of the settings>``, so methods, seeds and swept
+            settings never share a folder. Re-running the same command resumes after the last finished
             period; a folder made with other settings or other data is refused (the error lists what differs).
         overwrite: Replace an existing run folder of ours instead of resuming it.
         method: The DACT paper's rows as (tokenizer, recommender): frozen, ft_tok, ft_grm, ft_both, ft_tok_rt_grm,
@@ -90,6 +93,9 @@ class ContinualConfig:
             ``method`` set it must agree with it.
         recommender: Recommender update for t > 0: finetune | retrain | frozen. With ``method`` set it must agree.
         last_period: Stop after this period (default: the last one); a later run may extend a run folder.
+        init_from: Run folder of an earlier run on the same data whose finished period 0 (CF model, tokenizer,
+            TIGER, metrics) this run copies instead of training its own; its period-0 settings must equal this
+            run's (the error lists what differs). Lets methods and seeds of a sweep share one period 0.
         use_cf: Train SASRec per period and feed its item embeddings to the tokenizer's CF regulariser and DACT
             (DACT needs them).
         edit: Run GenRecEdit after each period's recommender update on the next period's new items (decision 6:
@@ -110,6 +116,7 @@ class ContinualConfig:
     tokenizer: Literal["dact", "finetune", "frozen", "reformer"] | None = None
     recommender: Literal["finetune", "retrain", "frozen"] | None = None
     last_period: int | None = None
+    init_from: str | None = None
     use_cf: bool = True
     edit: bool = False
     edit_config: EditConfig = field(default_factory=EditConfig)
@@ -180,6 +187,9 @@ class ContinualConfig:
 # Fields that do not change a run's results: a run folder may be resumed with other values.
 NON_RESULT_FIELDS = ("run_dir", "overwrite", "last_period", "logger", "wandb_project", "accelerator")
 RUN_KIND = "continual"
+# Fields that shape period 0 (what `init_from` must agree on).
+PERIOD0_FIELDS = ("use_cf", "edit", "edit_config", "rqvae", "rqvae_stage", "rqvae_warmup_epochs", "sasrec",
+                  "sasrec_stage", "tiger", "tiger_stage", "tiger_warmup_steps", "num_beams", "ks", "suffix_size")
 
 
 # Hooks called after the recommender update of period t: fn(runner, period, tiger_module) -> metrics dict.
@@ -190,8 +200,11 @@ class ContinualRunner:
     def __init__(self, data: DataConfig, cfg: ContinualConfig, hooks: list[PeriodHook] | None = None):
         self.data, self.cfg = data, cfg
         self.tok_method, self.rec_method = cfg.resolved()
-        self.run_dir = Path(cfg.run_dir or f"runs/{data.name}/continual/{cfg.name}-seed{cfg.seed}")
+        self.run_dir = Path(cfg.run_dir or self.default_run_dir())
         self.wandb_id: str | None = None
+        self.last_per_instance: dict | None = None
+        self.previous_sid_table: SemanticIdTable | None = None
+        self.diagnostics: dict[str, float] = {}
         self._created = False
         self.hooks = list(hooks or [])
         if cfg.edit:
@@ -284,7 +297,8 @@ class ContinualRunner:
         if method == "dact":
             from lightning_modules.dact import DACTModule
 
-            dcfg = self.cfg.dact  # its epochs, lr and batch size drive this stage (ConfigError without CF)
+            # its epochs, lr and batch size drive this stage; the run's seed reaches its random draws
+            dcfg = dataclasses.replace(self.cfg.dact, seed=self.cfg.seed + t)
             module = DACTModule.from_model(previous, dcfg, cdim_state_dict=self.dact_cdim)
             dm = ItemEmbeddingDataModule.from_arrays(x, cf_rows, batch_size=dcfg.batch_size)
             self.trainer(dcfg.epochs, t, "dact").fit(module, datamodule=dm)
@@ -326,15 +340,87 @@ class ContinualRunner:
         if method in ("finetune", "frozen"):
             module.load_state_dict(self.tiger_state)
         module.set_sid_table(table, dm.catalogue(), self.dataset.num_items)
+        self.diagnostics = {}
         if method != "frozen":
+            before = self.changed_item_losses(module, dm) if not first else {}
             trainer = self.trainer(stage.epochs, t, "tiger", check_val_every_n_epoch=max(stage.epochs, 1))
             trainer.fit(module, datamodule=dm)
+            after = self.changed_item_losses(module, dm) if not first else {}
+            self.diagnostics.update({f"recommender/loss_{k}/before": v for k, v in before.items()})
+            self.diagnostics.update({f"recommender/loss_{k}/after": v for k, v in after.items()})
         self.tiger_state = {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
         return module, dm
+
+    # ------------------------------------------------------------------ diagnostics (DACT Fig. 4 / Fig. 6)
+    def sid_status(self, items: np.ndarray) -> dict[str, np.ndarray]:
+        """Masks over ``items``: SID kept / changed since the previous period, or new this period."""
+        prev, cur = self.previous_sid_table, self.sid_table
+        if prev is None:
+            return {}
+        known = np.isin(items, prev.items)
+        same = np.zeros(len(items), dtype=bool)
+        both = known & np.isin(items, cur.items)
+        rows_prev, rows_cur = prev.rows_of(items[both]), cur.rows_of(items[both])
+        same[both] = (prev.full_codes()[rows_prev] == cur.full_codes()[rows_cur]).all(1)
+        return {"sid_kept": known & same, "sid_changed": known & ~same, "sid_new": ~known}
+
+    @torch.no_grad()
+    def changed_item_losses(self, module, dm) -> dict[str, float]:
+        """TIGER's token CE on this period's train rows whose target SID changed vs kept (before/after fine-tune:
+        does the recommender re-learn moved codes?)."""
+        inst = dm.train_instances()
+        status = self.sid_status(inst.target)
+        out = {}
+        was = module.training
+        module.eval()
+        for name, mask in status.items():
+            if name == "sid_new" or not mask.any():
+                continue
+            rows = np.flatnonzero(mask)[:4096]
+            hist = torch.as_tensor(inst.history[rows], device=module.device)
+            target = torch.as_tensor(inst.target[rows], device=module.device)
+            user = torch.as_tensor(inst.user[rows], device=module.device)
+            out[name.removeprefix("sid_")] = float(module(hist, target, user))
+        module.train(was)
+        return out
+
+    def cf_alignment(self, t: int, cf: np.ndarray | None) -> dict[str, float]:
+        """DACT Fig. 4: mean cosine between the tokenizer's quantised latents and its projection of this period's
+        CF embeddings, over the items known by the end of the period."""
+        if cf is None or self.rqvae is None:
+            return {}
+        from genrec.tokenizers.rqvae import cf_alignment
+
+        items = self.dataset.catalogue_until(t)
+        with torch.no_grad():
+            model = self.rqvae.eval()
+            param = next(model.parameters())
+            x = torch.as_tensor(self.embeddings[items], device=param.device)
+            z_q = model.quantize(model.encode(x)).quantized
+            cf_latent = model.project_cf(torch.as_tensor(cf[items], device=param.device, dtype=x.dtype))
+        return {"tokenizer/cf_alignment": cf_alignment(z_q, cf_latent)}
+
+    def per_status_metrics(self, dm) -> dict[str, float]:
+        """DACT Fig. 6: test HR@K (= recall@K) over instances whose target's SID was kept / changed / new."""
+        table = self.last_per_instance
+        if table is None:
+            return {}
+        from genrec.data.splits import TEST
+
+        targets = dm.eval_instances(TEST).target[table["instance_id"]]
+        out = {}
+        for name, mask in self.sid_status(targets).items():
+            out[f"test/count/{name}"] = float(mask.sum())
+            for k in self.cfg.ks:
+                col = table.get(f"recall@{k}")
+                if col is not None and mask.any():
+                    out[f"test/recall@{k}/{name}"] = float(col[mask].mean())
+        return out
 
     def evaluate(self, t: int, module, dm) -> dict:
         trainer = self.trainer(1, t, "eval")
         res = trainer.test(module, datamodule=dm, verbose=False)[0]
+        self.last_per_instance = module.per_instance.get("test")
         return {k: float(v) for k, v in res.items() if k.startswith("test/")}
 
     # ------------------------------------------------------------------ persistence
@@ -350,6 +436,8 @@ class ContinualRunner:
         atomic_write_json(d / "metrics.json", metrics)
         atomic_write_json(d / "sid_diff.json", diff)
         atomic_write_json(d / "timings.json", timings)
+        if self.last_per_instance is not None:  # per-instance values: paired tests across methods and seeds
+            save_per_instance(d / PER_INSTANCE_FILE, self.last_per_instance)
         atomic_write_text(d / "DONE", time.strftime("%Y-%m-%d %H:%M:%S") + "\n")
 
     def load_period(self, t: int) -> dict:
@@ -366,6 +454,14 @@ class ContinualRunner:
         return json.loads((d / "metrics.json").read_text())
 
     # ------------------------------------------------------------------ main loop
+    def default_run_dir(self) -> str:
+        """``runs/<data>/continual/<method>-seed<seed>-<settings hash>``: the same command resumes its own folder,
+        other settings (a sweep) get another one, so runs never share a folder."""
+        import hashlib
+
+        digest = hashlib.sha256(json.dumps(self.run_config(), sort_keys=True).encode()).hexdigest()[:8]
+        return f"runs/{self.data.name}/continual/{self.cfg.name}-seed{self.cfg.seed}-{digest}"
+
     def run_config(self) -> dict:
         """The settings that determine this run's results (compared on resume)."""
         cont = {k: v for k, v in _jsonable(dataclasses.asdict(self.cfg)).items() if k not in NON_RESULT_FIELDS}
@@ -409,12 +505,34 @@ class ContinualRunner:
                     raise RunMismatchError(f"run folder {self.run_dir} was made from other data (fingerprint "
                                            f"{str(stored)[:12]}, now {self.dataset.fingerprint[:12]}); use another "
                                            "run_dir or --continual.overwrite true")
+            if self.cfg.init_from and not (self.period_dir(0) / "DONE").exists():
+                self.copy_period0(Path(self.cfg.init_from))
             self.embeddings = item_embeddings(self.dataset, show_progress=True)
         except BaseException:
             if created:  # a run that never started leaves nothing behind
                 remove_ours(self.run_dir, RUN_KIND)
             raise
         self._seen_periods = [0]
+
+    def copy_period0(self, src: Path) -> None:
+        """Start from another run's finished period 0 (same data and period-0 settings, checked)."""
+        import shutil
+
+        if read_marker(src) is None or read_marker(src).get("kind") != RUN_KIND or not (src / "run.json").exists():
+            raise ConfigError(f"continual.init_from {src}: not a genrec continual run folder")
+        if not (src / "period_0" / "DONE").exists():
+            raise ConfigError(f"continual.init_from {src}: its period 0 has not finished")
+        info = json.loads((src / "run.json").read_text())
+        mine = self.run_config()
+        hint = "init_from needs a run with the same data and period-0 settings"
+        require_same(info["config"]["data"], mine["data"], f"continual.init_from {src}", hint)
+        if info.get("data_fingerprint") != self.dataset.fingerprint:
+            raise RunMismatchError(f"continual.init_from {src}: made from other data; {hint}")
+        theirs = {k: info["config"]["continual"].get(k) for k in PERIOD0_FIELDS}
+        require_same(theirs, {k: mine["continual"].get(k) for k in PERIOD0_FIELDS},
+                     f"period 0 of continual.init_from {src}", hint)
+        shutil.copytree(src / "period_0", self.period_dir(0))
+        self.log(f"period 0 copied from {src}")
 
     def run(self) -> dict[int, dict]:
         self.setup()
@@ -460,7 +578,7 @@ class ContinualRunner:
         table, reassign_stats = self.stage_tokenizer(t, cf)
         diff = self.sid_table.diff(table) if self.sid_table is not None else {}
         diff.update({f"reassign/{k}": v for k, v in reassign_stats.items() if k not in diff})
-        self.sid_table = table
+        self.previous_sid_table, self.sid_table = self.sid_table, table
         timings["tokenizer"] = time.perf_counter() - t0
         self.log(f"period {t}: tokenizer ({'rqvae' if t == 0 else self.tok_method}) "
                  f"{timings['tokenizer']:.1f}s; code change {diff.get('overall', 0.0):.3f}")
@@ -475,6 +593,9 @@ class ContinualRunner:
         t0 = time.perf_counter()
         metrics.update(self.evaluate(t, module, dm))
         timings["evaluate"] = time.perf_counter() - t0
+        metrics.update(self.per_status_metrics(dm))
+        metrics.update(self.cf_alignment(t, cf))
+        metrics.update(self.diagnostics)
         for k, v in diff.items():
             metrics[f"code_change/{k}"] = float(v)
         metrics.update({f"seconds/{k}": v for k, v in timings.items()})
@@ -526,6 +647,23 @@ class ContinualRunner:
 
 def _jsonable(d):
     return json.loads(json.dumps(d, default=str))
+
+
+PER_INSTANCE_FILE = "per_instance.npz"
+
+
+def save_per_instance(path: Path, table: dict) -> None:
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as fh:
+            np.savez(fh, **{k.replace("/", "__"): np.asarray(v) for k, v in table.items()})
+
+    atomic_write(path, write)
+
+
+def load_per_instance(period_dir: str | Path) -> dict[str, np.ndarray]:
+    """A period's per-instance test values (``instance_id``, metric columns, ``mask/<subset>``)."""
+    with np.load(Path(period_dir) / PER_INSTANCE_FILE, allow_pickle=False) as z:
+        return {k.replace("__", "/"): z[k] for k in z.files}
 
 
 def run_summary(results: dict[int, dict]) -> dict:

@@ -137,6 +137,9 @@ def run(cfg, data: DataConfig, edit: EditConfig) -> dict:
     if module.sid_table is None:
         raise CheckpointError(f"checkpoint {cfg.ckpt_path} carries no SID table (expected checkpoint['sid_table'])")
     module.bind_catalogue(ds)  # refuses a checkpoint trained on another catalogue
+    import lightning as L
+
+    L.seed_everything(edit.seed, workers=True, verbose=False)  # edit.seed is the command's one seed
     with staged_dir(cfg.output_dir, EDIT_KIND, overwrite=cfg.overwrite, protected=(data.root,),
                     what="edit output folder") as out:
         metrics = _edit_and_evaluate(cfg, module, dm, cold_period, items, edit, out)
@@ -163,9 +166,13 @@ def _edit_and_evaluate(cfg, module, dm, cold_period: int, items, edit: EditConfi
     metrics["seconds/edit"] = cb.report.edit_seconds
     metrics["seconds/covariance"] = float(times["covariance"])
     metrics["seconds/knowledge"] = float(times["knowledge"])
+    metrics["seconds/select"] = float(times.get("select", 0.0))  # cov_lambda auto: candidates on validation
     metrics.update(cb.metrics)
     metrics.update({f"edited/{k}": v for k, v in _evaluate(module, dm, out / "edited", cfg.accelerator).items()})
-    edits.save(out / "edits.pt")
+    if edits is not None:  # cov_lambda auto may find no edit that keeps warm recommendations
+        edits.save(out / "edits.pt")
+    else:
+        print(f"genrec edit: {cb.report.selection.get('reason', 'no edit applied')}")
     atomic_write_json(out / "report.json", cb.report.to_dict(), sort_keys=False)
     atomic_write_json(out / "metrics.json", metrics)
     return metrics

@@ -98,8 +98,13 @@ def test_each_method_and_seed_gets_its_own_default_run_dir(tmp_path):
     dirs = {str(ContinualRunner(d, a).run_dir), str(ContinualRunner(d, b).run_dir)}
     b.seed = 1
     dirs.add(str(ContinualRunner(d, b).run_dir))
-    assert dirs == {"runs/synthetic/continual/frozen-seed0", "runs/synthetic/continual/ft_grm-seed0",
-                    "runs/synthetic/continual/ft_grm-seed1"}
+    prefixes = sorted(p.rsplit("-", 1)[0] for p in dirs)
+    assert prefixes == ["runs/synthetic/continual/frozen-seed0", "runs/synthetic/continual/ft_grm-seed0",
+                        "runs/synthetic/continual/ft_grm-seed1"]
+    b.dact = DACTConfig(epochs=2)  # a swept setting: another folder; the same settings: the same folder
+    assert str(ContinualRunner(d, b).run_dir) not in dirs
+    b.dact = a.dact
+    assert str(ContinualRunner(d, b).run_dir) in dirs
 
 
 def test_a_failed_run_leaves_no_half_written_period(tmp_path, monkeypatch):

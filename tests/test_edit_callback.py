@@ -270,3 +270,57 @@ def test_edit_command_reports_val_and_test_before_and_after(trained, tmp_path):
     module = TigerModule.load_from_checkpoint(ckpt, weights_only=True)
     edits = PositionEdits.load(tmp_path / "out" / "edits.pt", module.sid_table.content_hash())
     assert edits.positions and edits.cov_lambda == FAST.cov_lambda
+
+
+def test_auto_lambda_chooses_on_validation_and_reports_every_candidate(trained):
+    module, dm, _ = fresh(trained)
+    cfg = dataclasses.replace(FAST, cov_lambda="auto", auto_lambda_ratios=[0.5, 2.0], diagnostic_rows=0)
+    cb = GenRecEditCallback(cfg)
+    edits = cb.apply(module, dm)
+    sel = cb.report.selection
+    m = cb.report.knowledge["num_histories"]
+    assert [row["lambda"] for row in sel["table"]] == [0.5 * m, 2.0 * m]
+    assert cb.report.times["select"] > 0 and cb.report.edit_seconds < cb.metrics["edit/seconds/total"]
+    for row in sel["table"]:
+        assert f"edit/auto/lambda{row['lambda']:g}/val/recall@10/cold" in cb.metrics
+    if edits is None:
+        assert module.edit is None and cb.metrics["edit/applied"] == 0.0 and sel["cov_lambda"] is None
+    else:
+        chosen = next(r for r in sel["table"] if r["lambda"] == sel["cov_lambda"])
+        assert chosen["feasible"] and chosen["cold_gain"] > 0 and edits.cov_lambda == sel["cov_lambda"]
+        assert module.edit is edits and cb.metrics["edit/applied"] == 1.0
+    cb.remove(module)
+
+
+def test_auto_lambda_applies_no_edit_when_every_candidate_hurts_warm(trained, monkeypatch):
+    module, dm, _ = fresh(trained)
+    cfg = dataclasses.replace(FAST, cov_lambda="auto", auto_lambda_ratios=[1.0, 4.0], diagnostic_rows=0)
+    cb = GenRecEditCallback(cfg)
+
+    def fake_eval(loader, prefix="val"):  # any active edit halves warm NDCG (but helps cold)
+        edited = module.edit is not None
+        return {"val/recall@10/cold": 0.5 if edited else 0.0, "val/ndcg@10/cold": 0.3 if edited else 0.0,
+                "val/ndcg@10/warm": 0.05 if edited else 0.1}
+
+    monkeypatch.setattr(module, "evaluate_loader", fake_eval)
+    with pytest.warns(UserWarning, match="no edit applied"):
+        assert cb.apply(module, dm) is None
+    assert module.edit is None and cb.edits is None and cb.metrics["edit/applied"] == 0.0
+    assert "dropped warm" in cb.report.selection["reason"]
+
+
+def test_one_seed_reaches_the_pseudo_histories(trained):
+    _, dm, _ = fresh(trained)
+    ds = dm.load()
+    train = dm.split(TRAIN, [0])
+    warm = np.unique(train.target)
+    cold = np.setdiff1d(ds.new_items(1), warm)
+    emb = item_embeddings(ds, show_progress=False)
+
+    def knowledge(seed):
+        cfg = dataclasses.replace(FAST, seed=seed, histories_per_item=2)
+        return GenRecEditor(cfg).build_knowledge(cold, emb[cold], warm, emb[warm], train.history, train.target)
+
+    a, b, c = knowledge(1), knowledge(1), knowledge(2)
+    np.testing.assert_array_equal(a.histories, b.histories)
+    assert not (a.histories.shape == c.histories.shape and np.array_equal(a.histories, c.histories))

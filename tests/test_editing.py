@@ -28,6 +28,7 @@ from genrec.editing.covariance import model_fingerprint
 from genrec.editing.keys import capture_wo, collect_keys, decoder_inputs, encode, ffn_out_proj
 from genrec.editing.knowledge import NOTEBOOK_EXTRA
 from genrec.editing.probe import _fit_logistic, probe_accuracies, probe_accuracy_matrix
+from genrec.errors import ConfigError
 from genrec.models.tiger import TigerConfig, build_tiger
 from genrec.tokenizers.sid import SemanticIdTable
 
@@ -500,7 +501,8 @@ def test_editor_end_to_end_raises_cold_item_scores(sid_table, train_data):
     assert np.array(report.probe_accuracy).shape == (2, 4)
     assert report.layers == {p: int(np.argmax(np.array(report.probe_accuracy)[:, p])) for p in range(4)}
     assert all(0.0 <= r <= 1.0 for r in report.success_rate.values()) and min(report.success_rate.values()) > 0.5
-    assert set(report.times) == {"knowledge", "keys", "probe", "values", "covariance", "solve", "diagnostics"}
+    assert set(report.times) == {"knowledge", "keys", "probe", "values", "covariance", "solve", "diagnostics", "select"}
+    assert report.times["select"] == 0.0  # a fixed λ: no selection on validation
     assert report.edit_seconds == pytest.approx(sum(report.times[k] for k in ("keys", "probe", "values", "solve")))
     assert set(report.diagnostics) == {"requests/unedited", "requests/edited", "train/unedited", "train/edited"}
     assert report.knowledge["num_histories"] == sum(report.num_requests.values()) / 4
@@ -625,3 +627,46 @@ def test_top1_hits_match_teacher_forced_argmax_with_and_without_edit(sid_table, 
                            top1_hits(model, ids, mask, tokens, sid_table, edits))
     rates = top1_rates(model, SidHistoryEncoder(sid_table, 5), history[:40], target[:40], sid_table, None, 16)
     np.testing.assert_allclose(rates, top1_hits(model, ids, mask, tokens, sid_table).double().mean(0).numpy())
+
+
+# ----------------------------------------------------------------------------- cov_lambda auto
+def _val(cold, warm, cold_ndcg=None):
+    return {"val/recall@10/cold": cold, "val/ndcg@10/warm": warm,
+            "val/ndcg@10/cold": cold if cold_ndcg is None else cold_ndcg}
+
+
+def test_auto_lambda_takes_the_largest_cold_gain_within_the_warm_limit():
+    from genrec.editing.select import candidate_lambdas, choose_lambda
+
+    assert candidate_lambdas(1000, [0.5, 1, 2]) == [500.0, 1000.0, 2000.0]
+    unedited = _val(0.0, 0.10)
+    cands = {250.0: _val(0.20, 0.080),   # best cold gain, but warm −20%: refused
+             500.0: _val(0.05, 0.096),   # −4%: allowed, gain 0.05
+             1000.0: _val(0.05, 0.099, cold_ndcg=0.06),  # same gain, better cold NDCG: wins the tie
+             2000.0: _val(0.01, 0.100)}
+    choice = choose_lambda(unedited, cands, max_warm_drop=0.05)
+    assert choice.cov_lambda == 1000.0 and "+0.0500" in choice.reason
+    assert [r["feasible"] for r in choice.table] == [False, True, True, True]
+    # an exact tie on both keys goes to the larger (more conservative) λ
+    tie = choose_lambda(unedited, {500.0: _val(0.05, 0.099), 1000.0: _val(0.05, 0.099)})
+    assert tie.cov_lambda == 1000.0
+
+
+def test_auto_lambda_refuses_an_edit_that_breaks_warm_or_gains_nothing():
+    from genrec.editing.select import choose_lambda
+
+    unedited = _val(0.02, 0.10)
+    broken = choose_lambda(unedited, {100.0: _val(0.30, 0.09), 200.0: _val(0.25, 0.0949)}, max_warm_drop=0.05)
+    assert broken.cov_lambda is None and "dropped warm" in broken.reason
+    useless = choose_lambda(unedited, {100.0: _val(0.02, 0.10), 200.0: _val(0.01, 0.11)})
+    assert useless.cov_lambda is None and "raised cold" in useless.reason
+    # the limit is inclusive: exactly 5% down is allowed
+    edge = choose_lambda(unedited, {100.0: _val(0.03, 0.095)}, max_warm_drop=0.05)
+    assert edge.cov_lambda == 100.0
+
+
+def test_editor_needs_a_number_for_a_direct_edit():
+    with pytest.raises(ConfigError, match="auto"):
+        GenRecEditor(EditConfig()).edit(None, None, None, None, None, None, None, warm_items=None)
+    with pytest.raises(ConfigError, match="cov_lambda"):
+        EditConfig(cov_lambda=-1.0)

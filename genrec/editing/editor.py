@@ -52,7 +52,7 @@ from genrec.editing.values import VALUE_PROFILES, ValueConfig, optimise_values
 from genrec.errors import ConfigError
 from genrec.tokenizers.sid import SemanticIdTable
 
-PHASES = ("knowledge", "keys", "probe", "values", "covariance", "solve", "diagnostics")
+PHASES = ("knowledge", "keys", "probe", "values", "covariance", "solve", "diagnostics", "select")
 NEIGHBOUR_POOLS = ("train_targets", "given")
 
 
@@ -60,9 +60,17 @@ NEIGHBOUR_POOLS = ("train_targets", "given")
 class EditConfig:
     """Every GenRecEdit knob, with the paper's (or, where the paper is silent, the reference's) default."""
 
-    cov_lambda: float = 3000.0
-    """λ of Eq. 13 (C̄0 is mean-normalised). Paper §5.0.4: 3000 for Video and Software, 1000 for Phone; the
-    reference CLI default is 10000 and its README/script use 1000."""
+    cov_lambda: float | Literal["auto"] = "auto"
+    """λ of Eq. 13 (C̄0 is mean-normalised, K1K1ᵀ a sum over the m requests, so m/λ is what matters). ``auto``
+    (default): candidates λ = r·m for r in ``auto_lambda_ratios``, each evaluated on the cold period's validation
+    split; the one with the largest cold validation recall@10 gain whose warm validation NDCG@10 stays within
+    ``max_warm_drop`` of the unedited model is applied, and no edit at all when none qualifies (``genrec edit``,
+    the callback and ``genrec continual`` do this; ``GenRecEditor.edit`` needs a number). A number fixes λ
+    (paper §5.0.4: 3000 for Video and Software, 1000 for Phone, with ~10⁴ requests)."""
+    auto_lambda_ratios: list[float] = field(default_factory=lambda: [0.25, 0.5, 1.0, 2.0, 4.0])
+    """λ/m candidates of ``cov_lambda auto`` (the paper's λ 3000 at ~10⁴ requests is r ≈ 0.3)."""
+    max_warm_drop: float = 0.05
+    """Largest relative drop of warm validation NDCG@10 an automatically chosen edit may cause."""
     histories_per_item: int = 10
     """Pseudo histories per cold item (``number_knowledge``; paper Fig. 6 sweeps it; Scripts/edit.sh uses 10)."""
     num_neighbours: int = 10
@@ -110,6 +118,8 @@ class EditConfig:
     max_history_items: int = 20
     """Most recent items kept by the default history encoder; must equal TigerConfig.max_history_items."""
     seed: int = 2024
+    """One seed for every draw of the edit (pseudo histories, probe split and subsamples, random layers);
+    ``genrec edit`` also seeds torch with it, ``genrec continual`` sets it to its own seed + period."""
     key_batch_size: int = 2048
     value_batch_size: int = 2048
     cov_batch_size: int = 1280
@@ -129,8 +139,12 @@ class EditConfig:
         for name, value, allowed in checks:
             if value not in allowed:
                 raise ConfigError(f"EditConfig.{name} must be one of {allowed}, got {value!r}")
-        if self.cov_lambda < 0:
-            raise ConfigError(f"EditConfig.cov_lambda must be >= 0, got {self.cov_lambda}")
+        if self.cov_lambda != "auto" and not (isinstance(self.cov_lambda, (int, float)) and self.cov_lambda >= 0):
+            raise ConfigError(f"edit.cov_lambda: expected 'auto' or a number >= 0, got {self.cov_lambda!r}")
+        if not self.auto_lambda_ratios or min(self.auto_lambda_ratios) <= 0:
+            raise ConfigError(f"edit.auto_lambda_ratios: expected positive ratios, got {self.auto_lambda_ratios}")
+        if not 0 <= self.max_warm_drop < 1:
+            raise ConfigError(f"edit.max_warm_drop: expected a share in [0, 1), got {self.max_warm_drop}")
         for name in ("histories_per_item", "num_neighbours", "probe_max_per_class", "key_batch_size",
                      "value_batch_size", "cov_batch_size"):
             if getattr(self, name) < 1:
@@ -163,15 +177,18 @@ class EditReport:
     # Teacher-forced top-1 rate of the target token per position (``genrec.editing.diagnostics``), before/after:
     # on sampled requests (efficacy of ΔW) and on sampled training rows (locality). Empty when skipped.
     diagnostics: dict = field(default_factory=dict)
+    # cov_lambda auto: the chosen λ (None = no edit), why, and every candidate's validation metrics
+    selection: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     @property
     def edit_seconds(self) -> float:
-        """Time of the edit proper (decision 8): every phase except knowledge preparation, the reusable C̄0
-        and the diagnostics."""
-        return float(sum(v for k, v in self.times.items() if k not in ("knowledge", "covariance", "diagnostics")))
+        """Time of the edit proper (decision 8): every phase except knowledge preparation, the reusable C̄0,
+        the diagnostics and the λ selection on validation (model selection, like a retrain's validation)."""
+        return float(sum(v for k, v in self.times.items()
+                         if k not in ("knowledge", "covariance", "diagnostics", "select")))
 
 
 class _Timers:
@@ -248,7 +265,20 @@ class GenRecEditor:
         return knowledge
 
     # ----------------------------------------------------------------- main entry
-    def edit(
+    def edit(self, model: nn.Module, sid_table: SemanticIdTable, cold_items: np.ndarray,
+             cold_item_embeddings: np.ndarray, warm_item_embeddings: np.ndarray, train_history: np.ndarray,
+             train_target: np.ndarray, **kw) -> tuple[PositionEdits, EditReport]:
+        """Edit set injecting ``cold_items`` at ``config.cov_lambda`` (see ``prepare`` for the arguments)."""
+        lam = self.config.cov_lambda
+        if lam == "auto":
+            raise ConfigError("edit.cov_lambda auto chooses λ on a validation split: use GenRecEditCallback / "
+                              "`genrec edit` (or GenRecEditor.prepare + EditPlan.solve with your own choice)")
+        plan = self.prepare(model, sid_table, cold_items, cold_item_embeddings, warm_item_embeddings, train_history,
+                            train_target, **kw)
+        edits = plan.solve(float(lam))
+        return edits, plan.report(edits)
+
+    def prepare(
         self,
         model: nn.Module,
         sid_table: SemanticIdTable,
@@ -264,178 +294,219 @@ class GenRecEditor:
         history_encoder: HistoryEncoder | None = None,
         knowledge: EditKnowledge | None = None,
         progress: Callable[[str], None] | None = None,
-    ) -> tuple[PositionEdits, EditReport]:
-        """Edit set injecting ``cold_items`` (which must already have SIDs in ``sid_table``).
+    ) -> EditPlan:
+        """Everything of the edit that does not depend on λ: knowledge, layers, values, K1K1ᵀ / RK1ᵀ, C̄0.
 
-        ``warm_items`` align with ``warm_item_embeddings``; ``train_history`` (n, N, left-padded -1) /
-        ``train_target`` (n,) are the training instances (neighbour occurrences, C̄0, probe negatives).
-        ``history_encoder(history) -> (input_ids, attention_mask)`` must match the recommender's encoder input
-        (default ``SidHistoryEncoder``). A prebuilt ``knowledge`` skips the knowledge phase.
+        ``cold_items`` must already have SIDs in ``sid_table``; ``warm_items`` align with ``warm_item_embeddings``;
+        ``train_history`` (n, N, left-padded -1) / ``train_target`` (n,) are the training instances (neighbour
+        occurrences, C̄0, probe negatives). ``history_encoder(history) -> (input_ids, attention_mask)`` must match
+        the recommender's encoder input (default ``SidHistoryEncoder``). A prebuilt ``knowledge`` skips the
+        knowledge phase. ``EditPlan.solve(λ)`` then gives the edit set for any λ in milliseconds.
         """
         cfg = self.config
         say = progress or (lambda msg: None)
-        device = model_device(model)
-        timers = _Timers(device)
-        encoder = history_encoder or SidHistoryEncoder(sid_table, cfg.max_history_items)
-        train_history = np.asarray(train_history, dtype=np.int64)
-        train_target = np.asarray(train_target, dtype=np.int64)
-        n_layers = num_decoder_layers(model)
-
-        with timers("knowledge"):
-            if knowledge is None:
-                knowledge = self.build_knowledge(
-                    cold_items, cold_item_embeddings, warm_items, warm_item_embeddings,
-                    train_history, train_target, eval_history, eval_target,
-                )
-            request_tokens = knowledge.sid_tokens(sid_table)
-            train_tokens = sid_table.tokens_of(train_target)
-        say(f"knowledge: {len(knowledge)} histories for {len(knowledge.cold_items)} cold items")
-        if len(knowledge) == 0:
+        plan = EditPlan(cfg, model, sid_table, history_encoder or SidHistoryEncoder(sid_table, cfg.max_history_items),
+                        np.asarray(train_history, dtype=np.int64), np.asarray(train_target, dtype=np.int64))
+        with plan.timers("knowledge"):
+            plan.knowledge = knowledge if knowledge is not None else self.build_knowledge(
+                cold_items, cold_item_embeddings, warm_items, warm_item_embeddings, plan.train_history,
+                plan.train_target, eval_history, eval_target)
+            plan.request_tokens = plan.knowledge.sid_tokens(sid_table)
+            plan.train_tokens = sid_table.tokens_of(plan.train_target)
+        say(f"knowledge: {len(plan.knowledge)} histories for {len(plan.knowledge.cold_items)} cold items")
+        if len(plan.knowledge) == 0:
             raise ValueError("no edit requests: no cold item has a pseudo history (check neighbours/train data)")
+        encoded = plan.locate()
+        say(f"layers: {plan.layers}")
+        plan.collect_values(encoded, say)
+        plan.covariances()
+        return plan
 
-        positions = list(range(sid_table.sid_length)) if cfg.positions is None else sorted(cfg.positions)
-        if not cfg.position_wise:
-            positions_probe = [0]
-        else:
-            positions_probe = positions
 
-        # ------------------------------------------------------------- layer location
-        accuracy = None
-        # Encoder outputs of every request, kept from the probe pass when it saw all of them (then the value
-        # loop does not encode again); bounded by probe_max_per_class rows.
-        encoded: list | None = None
+class _Sites:
+    """Where each position's edit lives — the one place position-wise and object-wise edits differ (spec §2.5).
+
+    Position-wise: position p's key is the FFN input at decoding step p, its δ is trained on token p. Object-wise
+    (ablation): one edit at step 0 whose δ is trained on every SID token of the request."""
+
+    def __init__(self, position_wise: bool, positions: list[int]) -> None:
+        self.position_wise, self.positions = position_wise, positions
+
+    def probe_positions(self) -> list[int]:
+        return self.positions if self.position_wise else [0]
+
+    def step(self, p: int) -> int:
+        return p if self.position_wise else 0
+
+    def value_args(self, full_dec: torch.Tensor, tokens: torch.Tensor, p: int):
+        """(decoder inputs, targets, loss steps, edit step) of position p's δ optimisation."""
+        if self.position_wise:
+            return full_dec[:, : p + 1], tokens[:, p], [p], p
+        return full_dec, tokens[:, self.positions], self.positions, 0
+
+
+class EditPlan:
+    """The λ-independent state of one edit (``GenRecEditor.prepare``); ``solve(λ)`` gives its edit set."""
+
+    def __init__(self, cfg: EditConfig, model: nn.Module, sid_table: SemanticIdTable, encoder,
+                 train_history: np.ndarray, train_target: np.ndarray) -> None:
+        self.cfg, self.model, self.sid_table, self.encoder = cfg, model, sid_table, encoder
+        self.train_history, self.train_target = train_history, train_target
+        self.timers = _Timers(model_device(model))
+        n_positions = sid_table.sid_length
+        positions = list(range(n_positions)) if cfg.positions is None else sorted(cfg.positions)
+        self.sites = _Sites(cfg.position_wise, positions)
+        self.n_layers = num_decoder_layers(model)
+        self.knowledge: EditKnowledge | None = None
+        self.request_tokens = self.train_tokens = None
+        self.accuracy: np.ndarray | None = None
+        self.layers: dict[int, int] = {}
+        self.stats: dict[int, KeyResidualStats] = {}
+        self.n_req: dict[int, int] = {}
+        self.n_ok: dict[int, int] = {}
+        self.covs: dict = {}
+        self.cov_info: dict = {"num_samples": 0, "cache_hits": [], "computed": []}
+        self.diagnostics: dict = {}
+
+    @property
+    def num_requests(self) -> int:
+        """m: edit requests (histories); λ balances m requests against the mean-normalised C̄0."""
+        return len(self.knowledge)
+
+    # ----------------------------------------------------------------- phases
+    def locate(self) -> list | None:
+        """One decoder layer per position (probe / fixed / random / worst); returns the requests' encoder outputs
+        when the probe pass saw all of them (the value loop then does not encode again)."""
+        cfg, sites = self.cfg, self.sites
+        encoded = None
+        probe_pos = sites.probe_positions()
         if cfg.layer_mode in ("probe", "worst"):
-            req_rows = _subsample(len(knowledge), cfg.probe_max_per_class, cfg.seed)
+            req_rows = _subsample(len(self.knowledge), cfg.probe_max_per_class, cfg.seed)
             # The probe balances classes, so more negatives than positives would never be used.
-            train_rows = _subsample(len(train_target), len(req_rows), cfg.seed + 1)
-            sites = [(layer, p) for p in positions_probe for layer in range(n_layers)]
-            encoded = [] if len(req_rows) == len(knowledge) else None
-            # One pass for all sites: the encoder (the bulk of the cost) runs once per sampled row.
-            with timers("keys"):
-                pos_keys = collect_keys(
-                    model, encoder, knowledge.histories[req_rows], request_tokens[req_rows], sites,
-                    cfg.key_batch_size, encoded=encoded,
-                )
-                neg_keys = collect_keys(
-                    model, encoder, train_history[train_rows], train_tokens[train_rows], sites, cfg.key_batch_size
-                )
-            with timers("probe"):
-                accuracy = probe_accuracy_matrix(
-                    pos_keys, neg_keys, n_layers, positions_probe, cfg.seed, cfg.probe_train_frac
-                )
-            del pos_keys, neg_keys
-        layers = choose_layers(cfg.layer_mode, positions_probe, n_layers, accuracy, cfg.fixed_layers, cfg.seed)
-        say(f"layers: {layers}")
-        if not cfg.position_wise and len(positions) > 1 and layers[0] == n_layers - 1:
+            train_rows = _subsample(len(self.train_target), len(req_rows), cfg.seed + 1)
+            site_list = [(layer, p) for p in probe_pos for layer in range(self.n_layers)]
+            encoded = [] if len(req_rows) == len(self.knowledge) else None
+            with self.timers("keys"):  # one pass for all sites: the encoder runs once per sampled row
+                pos_keys = collect_keys(self.model, self.encoder, self.knowledge.histories[req_rows],
+                                        self.request_tokens[req_rows], site_list, cfg.key_batch_size,
+                                        encoded=encoded)
+                neg_keys = collect_keys(self.model, self.encoder, self.train_history[train_rows],
+                                        self.train_tokens[train_rows], site_list, cfg.key_batch_size)
+            with self.timers("probe"):
+                self.accuracy = probe_accuracy_matrix(pos_keys, neg_keys, self.n_layers, probe_pos, cfg.seed,
+                                                      cfg.probe_train_frac)
+        self.layers = choose_layers(cfg.layer_mode, probe_pos, self.n_layers, self.accuracy, cfg.fixed_layers,
+                                    cfg.seed)
+        if not sites.position_wise and len(sites.positions) > 1 and self.layers[0] == self.n_layers - 1:
             # Later steps read step 0 only through self-attention K/V, which the top block computes from its
             # input, before the FFN: a δ there cannot move positions > 0.
             warnings.warn(
-                f"object-wise edit at the top decoder layer {layers[0]}: its δ cannot move SID positions > 0, so "
-                "only requests the model already gets right there can succeed; choose a lower layer "
+                f"object-wise edit at the top decoder layer {self.layers[0]}: its δ cannot move SID positions > 0, "
+                "so only requests the model already gets right there can succeed; choose a lower layer "
                 "(layer_mode='fixed', fixed_layers=[l])",
-                stacklevel=2,
+                stacklevel=3,
             )
+        return encoded
 
-        # ------------------------------------------------------------- keys + values, streamed
-        vcfg = self.config.value_config()
-        d_model, d_ff = model.config.d_model, model.config.d_ff
-        stats = {p: KeyResidualStats(d_ff, d_model, device) for p in layers}
-        n_req = {p: 0 for p in layers}
-        n_ok = {p: 0 for p in layers}
-        sid_len = request_tokens.shape[1]
+    def collect_values(self, encoded: list | None, say: Callable[[str], None]) -> None:
+        """δ per request and position (streamed in batches), accumulated into K1K1ᵀ and RK1ᵀ."""
+        cfg, model, sites, kn = self.cfg, self.model, self.sites, self.knowledge
+        device = model_device(model)
+        vcfg = cfg.value_config()
+        self.stats = {p: KeyResidualStats(model.config.d_ff, model.config.d_model, device) for p in self.layers}
+        self.n_req = {p: 0 for p in self.layers}
+        self.n_ok = {p: 0 for p in self.layers}
+        sid_len = self.request_tokens.shape[1]
         if encoded is None:
             encoded = [(slice(s, s + cfg.value_batch_size), None, None)
-                       for s in range(0, len(knowledge), cfg.value_batch_size)]
+                       for s in range(0, len(kn), cfg.value_batch_size)]
+        key_sites = [(self.layers[p], sites.step(p)) for p in self.layers]
         with eval_mode(model), torch.inference_mode(False):
             for rows, attention_mask, enc_hidden in encoded:
-                with timers("keys"), torch.no_grad():
+                with self.timers("keys"), torch.no_grad():
                     if enc_hidden is None:  # not kept from the probe pass
-                        input_ids, attention_mask = (t.to(device) for t in encoder(knowledge.histories[rows]))
+                        input_ids, attention_mask = (t.to(device) for t in self.encoder(kn.histories[rows]))
                         enc_hidden = encode(model, input_ids, attention_mask)
-                    tokens = torch.as_tensor(request_tokens[rows], dtype=torch.long, device=device)
+                    tokens = torch.as_tensor(self.request_tokens[rows], dtype=torch.long, device=device)
                     full_dec = decoder_inputs(tokens, sid_len)
-                    # Object-wise edits key on step 0 (subject = the whole history).
-                    key_sites = [(layers[p], p if cfg.position_wise else 0) for p in layers]
                     found = capture_wo(model, None, attention_mask, full_dec, key_sites, enc_hidden=enc_hidden)
-                for p, layer in layers.items():
-                    if cfg.position_wise:
-                        dec, targets, loss_steps, edit_step = full_dec[:, : p + 1], tokens[:, p], [p], p
-                    else:
-                        dec, targets, loss_steps, edit_step = full_dec, tokens[:, positions], positions, 0
-                    with timers("values"):
-                        result = optimise_values(
-                            model, enc_hidden, attention_mask, dec, targets, loss_steps, layer, edit_step, vcfg
-                        )
-                    with timers("solve"):
+                for p, layer in self.layers.items():
+                    dec, targets, loss_steps, edit_step = sites.value_args(full_dec, tokens, p)
+                    with self.timers("values"):
+                        result = optimise_values(model, enc_hidden, attention_mask, dec, targets, loss_steps,
+                                                 layer, edit_step, vcfg)
+                    with self.timers("solve"):
                         ok = result.success
-                        keys = found[(layer, edit_step)][0]
-                        stats[p].add(keys[ok], result.delta[ok])
-                    n_req[p] += len(ok)
-                    n_ok[p] += int(ok.sum())
-                say(f"values: {min(rows.stop, len(knowledge))}/{len(knowledge)} histories")
+                        self.stats[p].add(found[(layer, edit_step)][0][ok], result.delta[ok])
+                    self.n_req[p] += len(ok)
+                    self.n_ok[p] += int(ok.sum())
+                say(f"values: {min(rows.stop, len(kn))}/{len(kn)} histories")
 
-        # ------------------------------------------------------------- C̄0 and the solve
-        cov_sites = [(layer, p if cfg.position_wise else 0) for p, layer in layers.items() if n_ok[p] > 0]
-        covs: dict = {}
-        cov_info: dict = {"num_samples": 0, "cache_hits": [], "computed": []}
-        if cov_sites:
-            with timers("covariance"):
-                covs, cov_info = preserved_covariances(
-                    model, encoder, train_history, train_tokens, cov_sites, cfg.cov_max_samples, cfg.seed,
-                    cfg.cov_batch_size, cfg.cov_cache_dir,
-                    checkpoint_hash=model_fingerprint(model) if cfg.cov_cache_dir is not None else None,
-                )
+    def covariances(self) -> None:
+        """C̄0 at every site with at least one successful request (cached on disk when configured)."""
+        cfg = self.cfg
+        sites = [(layer, self.sites.step(p)) for p, layer in self.layers.items() if self.n_ok[p] > 0]
+        if not sites:
+            return
+        with self.timers("covariance"):
+            self.covs, self.cov_info = preserved_covariances(
+                self.model, self.encoder, self.train_history, self.train_tokens, sites, cfg.cov_max_samples,
+                cfg.seed, cfg.cov_batch_size, cfg.cov_cache_dir,
+                checkpoint_hash=model_fingerprint(self.model) if cfg.cov_cache_dir is not None else None,
+            )
+
+    # ----------------------------------------------------------------- the closed form, for any λ
+    def solve(self, cov_lambda: float) -> PositionEdits:
+        """ΔW = R K1ᵀ (λ C̄0 + K1 K1ᵀ)⁻¹ per position (Cholesky)."""
+        cfg = self.cfg
         deltas = {}
-        with timers("solve"):
-            for p, layer in layers.items():
-                if n_ok[p] == 0:
-                    continue
-                site = (layer, p if cfg.position_wise else 0)
-                dw = solve_update(stats[p].rkt, stats[p].kkt, covs[site], cfg.cov_lambda)
-                deltas[p] = (layer, dw.float().cpu())
-        del stats
-
-        one_one = cfg.one_one and cfg.position_wise
-        edits = PositionEdits(
-            deltas,
-            cov_lambda=cfg.cov_lambda,
-            cold_items=knowledge.cold_items,
-            sid_table_hash=sid_table.content_hash(),
-            probe_accuracy=accuracy,
-            one_one=one_one,
-            meta={
-                "knowledge": knowledge.source,
-                "leaks_eval": knowledge.leaks_eval,
-                "position_wise": cfg.position_wise,
-                "layer_mode": cfg.layer_mode,
-                "value_profile": cfg.value_profile,
-                "value_beta": cfg.value_beta,
-                "histories_per_item": cfg.histories_per_item,
-                "seed": cfg.seed,
-            },
+        with self.timers("solve"):
+            for p, layer in self.layers.items():
+                if self.n_ok[p]:
+                    st = self.stats[p]
+                    dw = solve_update(st.rkt, st.kkt, self.covs[(layer, self.sites.step(p))], cov_lambda)
+                    deltas[p] = (layer, dw.float().cpu())
+        kn = self.knowledge
+        return PositionEdits(
+            deltas, cov_lambda=float(cov_lambda), cold_items=kn.cold_items,
+            sid_table_hash=self.sid_table.content_hash(), probe_accuracy=self.accuracy,
+            one_one=cfg.one_one and cfg.position_wise,
+            meta={"knowledge": kn.source, "leaks_eval": kn.leaks_eval, "position_wise": cfg.position_wise,
+                  "layer_mode": cfg.layer_mode, "value_profile": cfg.value_profile, "value_beta": cfg.value_beta,
+                  "histories_per_item": cfg.histories_per_item, "seed": cfg.seed},
         )
-        diagnostics: dict = {}
-        if cfg.diagnostic_rows > 0 and edits.one_one and edits.positions:
-            with timers("diagnostics"):
-                req = _subsample(len(knowledge), cfg.diagnostic_rows, cfg.seed + 7)
-                tr = _subsample(len(train_target), cfg.diagnostic_rows, cfg.seed + 8)
-                for name, hist, items in (("requests", knowledge.histories[req], knowledge.items[req]),
-                                          ("train", train_history[tr], train_target[tr])):
-                    for tag, e in (("unedited", None), ("edited", edits)):
-                        rates = top1_rates(model, encoder, hist, items, sid_table, e, cfg.key_batch_size)
-                        diagnostics[f"{name}/{tag}"] = {int(p): float(r) for p, r in enumerate(rates)}
-        report = EditReport(
-            times=dict(timers.times),
-            layers={int(p): int(layer) for p, layer in layers.items()},
-            num_requests=n_req,
-            num_success=n_ok,
-            success_rate={p: (n_ok[p] / n_req[p] if n_req[p] else 0.0) for p in layers},
-            probe_accuracy=None if accuracy is None else accuracy.tolist(),
-            probe_positions=list(positions_probe),
-            knowledge=dict(knowledge.stats),
-            leaks_eval=knowledge.leaks_eval,
-            covariance=cov_info,
-            config=asdict(cfg),
+
+    def diagnose(self, edits: PositionEdits) -> dict:
+        """Teacher-forced top-1 rate of the target token before/after ΔW on sampled requests (efficacy) and
+        training rows (locality); timed as ``diagnostics``, not part of the edit."""
+        cfg, kn = self.cfg, self.knowledge
+        out: dict = {}
+        if cfg.diagnostic_rows <= 0 or not edits.one_one or not edits.positions:
+            return out
+        with self.timers("diagnostics"):
+            req = _subsample(len(kn), cfg.diagnostic_rows, cfg.seed + 7)
+            tr = _subsample(len(self.train_target), cfg.diagnostic_rows, cfg.seed + 8)
+            for name, hist, items in (("requests", kn.histories[req], kn.items[req]),
+                                      ("train", self.train_history[tr], self.train_target[tr])):
+                for tag, e in (("unedited", None), ("edited", edits)):
+                    rates = top1_rates(self.model, self.encoder, hist, items, self.sid_table, e, cfg.key_batch_size)
+                    out[f"{name}/{tag}"] = {int(p): float(r) for p, r in enumerate(rates)}
+        return out
+
+    def report(self, edits: PositionEdits | None) -> EditReport:
+        """The edit's report; with ``edits`` the efficacy/locality diagnostics of that edit set are added."""
+        diagnostics = self.diagnose(edits) if edits is not None else {}
+        return EditReport(
+            times=dict(self.timers.times),
+            layers={int(p): int(layer) for p, layer in self.layers.items()},
+            num_requests=dict(self.n_req),
+            num_success=dict(self.n_ok),
+            success_rate={p: (self.n_ok[p] / self.n_req[p] if self.n_req[p] else 0.0) for p in self.layers},
+            probe_accuracy=None if self.accuracy is None else self.accuracy.tolist(),
+            probe_positions=list(self.sites.probe_positions()),
+            knowledge=dict(self.knowledge.stats),
+            leaks_eval=self.knowledge.leaks_eval,
+            covariance=self.cov_info,
+            config=asdict(self.cfg),
             diagnostics=diagnostics,
         )
-        return edits, report

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
+import numpy as np
 import torch
 from torchmetrics import Metric
 
@@ -312,10 +313,24 @@ class RankingMetrics(Metric):
         """Per-instance values of one subset (after de-duplication), e.g. for paired t-tests."""
         if subset not in self.subsets:
             raise ValueError(f"unknown subset {subset!r}; known: {self.subsets}")
-        g = self._gathered()
+        with self.sync_context(should_sync=self.sync_on_compute):  # every rank's instances under DDP
+            g = self._gathered()
         rows = g["masks"][:, self.subsets.index(subset)]
         out = {
             name: g["values"][rows, i] for i, name in enumerate(self._columns()) if not name.startswith("_")
         }
         out["instance_id"] = g["ids"][rows]
+        return out
+
+    def per_instance_table(self) -> dict[str, np.ndarray]:
+        """Every instance once (after DDP de-duplication): ``instance_id``, each metric column and
+        ``mask/<subset>`` as numpy arrays — what paired tests across methods need (``genrec.metrics.stats``)."""
+        with self.sync_context(should_sync=self.sync_on_compute):  # every rank's instances under DDP
+            g = self._gathered()
+        out = {"instance_id": g["ids"].cpu().numpy()}
+        for i, name in enumerate(self._columns()):
+            if not name.startswith("_"):
+                out[name] = g["values"][:, i].cpu().numpy()
+        for s_idx, s in enumerate(self.subsets):
+            out[f"mask/{s}"] = g["masks"][:, s_idx].cpu().numpy()
         return out

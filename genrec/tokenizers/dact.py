@@ -88,7 +88,8 @@ class DACTConfig:
     grad_clip: float = 1.0
     """Gradient-norm clipping (0 disables)."""
     seed: int = 2024
-    """Seed of ``dact_fit`` (shuffling, random selection in the w/o-CDIM ablation)."""
+    """Seed of ``dact_fit`` (shuffling, random selection in the w/o-CDIM ablation); ``genrec continual`` sets it
+    to its own seed + period."""
 
     def __post_init__(self) -> None:
         if not 0.0 < self.drift_ratio <= 1.0:
