@@ -451,7 +451,8 @@ class ContinualRunner:
         self.tiger_state, self.sasrec_state, self.dact_cdim = state["tiger"], state["sasrec"], state["dact_cdim"]
         self._seen_periods = list(state["seen_periods"])
         self.sid_table = SemanticIdTable.load(d / "sid_table.parquet")
-        return json.loads((d / "metrics.json").read_text())
+        # null in the file is an empty subset: NaN in memory, as in an uninterrupted run
+        return {k: float("nan") if v is None else v for k, v in json.loads((d / "metrics.json").read_text()).items()}
 
     # ------------------------------------------------------------------ main loop
     def default_run_dir(self) -> str:

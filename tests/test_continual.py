@@ -166,3 +166,22 @@ def test_dact_stage_runs_for_dact_epochs(tmp_path, monkeypatch):
     monkeypatch.setattr(ContinualRunner, "trainer", spy)
     ContinualRunner(data, cfg).run()
     assert (1, "dact", 3) in stages and all(s != "tokenizer" for _, s, _ in stages)
+
+
+def test_init_from_shares_period_zero_and_checks_its_settings(tmp_path):
+    from genrec.errors import RunMismatchError
+
+    data, cfg = tiny(tmp_path / "first", method="frozen", last_period=0)
+    cfg.use_cf = False
+    first = ContinualRunner(data, cfg).run()
+    d2, c2 = tiny(tmp_path / "second", method="ft_grm", last_period=1)
+    c2.use_cf, c2.init_from, c2.seed = False, str(tmp_path / "first"), 5
+    second = ContinualRunner(d2, c2).run()
+    assert second[0] == pytest.approx(first[0], nan_ok=True)  # period 0 copied, not retrained
+    assert (tmp_path / "second" / "period_1" / "per_instance.npz").exists()
+    d3, c3 = tiny(tmp_path / "third", method="ft_grm", last_period=1)
+    c3.use_cf, c3.init_from = False, str(tmp_path / "first")
+    c3.tiger_stage = StageConfig(epochs=2, lr=3e-3, batch_size=64)  # another period-0 recipe
+    with pytest.raises(RunMismatchError, match="tiger_stage.epochs: 1 → 2"):
+        ContinualRunner(d3, c3).run()
+    assert not (tmp_path / "third").exists()
