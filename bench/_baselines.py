@@ -45,12 +45,14 @@ def run_baselines(
     cf_path: str | None = None,
     cf_dim: int | None = None,
     accelerator: str = "auto",
+    per_instance: dict | None = None,
 ) -> dict:
     """Fit SASRec (Lightning) and evaluate it and the popularity list; returns flat float keys.
 
     Keys: ``sasrec/test/{recall,ndcg}@{k}/{overall,warm,cold,new}`` (and the other item metrics),
     ``popularity/test/...`` (same names), ``seconds/sasrec_fit``, ``sasrec/best_epoch``, ``sasrec/epochs_run``,
     ``sasrec/val/ndcg@10/overall`` (of the selected epoch). ``cf_path`` also writes the CF item table (.npy).
+    ``per_instance`` (a dict) receives the per-instance test values of ``sasrec`` and ``popularity``.
     """
     import lightning as L
     from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
@@ -67,7 +69,8 @@ def run_baselines(
                             eval_period=eval_period, batch_size=batch_size, eval_batch_size=512)
     dm.setup("fit")
     out: dict[str, float] = {}
-    out.update(evaluate_popularity(dm, ks=ks, splits=("test",)))
+    tables: dict = {}
+    out.update(evaluate_popularity(dm, ks=ks, splits=("test",), tables=tables))
 
     module = SASRecModule(SASRecConfig(hidden=hidden, num_layers=num_layers, dropout=dropout, loss=loss,
                                        max_len=data.max_history), lr=lr, ks=ks, cf_dim=cf_dim)
@@ -81,12 +84,15 @@ def run_baselines(
         t0 = time.perf_counter()
         trainer.fit(module, datamodule=dm)
         out["seconds/sasrec_fit"] = time.perf_counter() - t0
-        best = SASRecModule.load_from_checkpoint(ckpt.best_model_path, weights_only=False)
+        best = SASRecModule.load_from_checkpoint(ckpt.best_model_path, weights_only=True)
         out["sasrec/best_epoch"] = float(torch_load_epoch(ckpt.best_model_path))
         out["sasrec/epochs_run"] = float(trainer.current_epoch)
         out["sasrec/val/ndcg@10/overall"] = float(ckpt.best_model_score)
         (res,) = trainer.test(best, datamodule=dm, verbose=False)
     out.update({f"sasrec/{k}": float(v) for k, v in res.items()})
+    if per_instance is not None:
+        per_instance["sasrec"] = best.per_instance.get("test")
+        per_instance["popularity"] = tables.get("test")
     if cf_path:
         best.export_cf_embeddings(cf_path)
     return out
@@ -95,7 +101,7 @@ def run_baselines(
 def torch_load_epoch(path: str) -> int:
     import torch
 
-    return int(torch.load(path, map_location="cpu", weights_only=False)["epoch"])
+    return int(torch.load(path, map_location="cpu", weights_only=True)["epoch"])
 
 
 def main(argv: list[str] | None = None) -> dict:

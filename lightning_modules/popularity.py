@@ -17,10 +17,12 @@ def popularity_recommender(dm) -> PopularityRecommender:
     return PopularityRecommender(dm.num_items, dm.train_instances().target, dm.catalogue())
 
 
-def evaluate_popularity(dm, ks: tuple[int, ...] = (5, 10, 20), splits: tuple[str, ...] = ("test",)) -> dict:
+def evaluate_popularity(dm, ks: tuple[int, ...] = (5, 10, 20), splits: tuple[str, ...] = ("test",),
+                        tables: dict | None = None) -> dict:
     """Metrics of the most-popular list on the datamodule's evaluation split(s).
 
-    Returns flat float keys ``popularity/{split}/{metric}@{k}/{subset}`` (e.g. ``popularity/test/recall@10/cold``).
+    Returns flat float keys ``popularity/{split}/{metric}@{k}/{subset}`` (e.g. ``popularity/test/recall@10/cold``);
+    ``tables`` (a dict) receives each split's per-instance values (paired tests).
     """
     bad = [s for s in splits if s not in _LOADERS]
     if bad:
@@ -34,4 +36,6 @@ def evaluate_popularity(dm, ks: tuple[int, ...] = (5, 10, 20), splits: tuple[str
             items = rec.top_k(max(ks), len(batch["target"]))
             update_item_metrics(metrics, items, batch["target"], batch["subsets"], batch["index"])
         out.update({f"popularity/{split}/{k}": float(v) for k, v in item_metric_values(metrics).items()})
+        if tables is not None:
+            tables[split] = metrics.per_instance_table()
     return out

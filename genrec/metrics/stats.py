@@ -73,3 +73,11 @@ def paired_keys(method: str, baseline: str, metric: str, a, b, seed: int = 0) ->
     base = f"{method}_vs_{baseline}/{metric}"
     return {f"{base}/p_value": t["p_value"], f"{base}/diff": t["diff"],
             f"{base}/diff_ci95_low": t["ci95_low"], f"{base}/diff_ci95_high": t["ci95_high"]}
+
+
+def subset_values(table: dict, column: str, subset: str = "overall") -> np.ndarray:
+    """One metric column of a per-instance table (``RankingMetrics.per_instance_table``) in instance-id order,
+    restricted to a subset: two models' tables on the same data then pair row by row."""
+    order = np.argsort(table["instance_id"], kind="stable")
+    values = np.asarray(table[column])[order]
+    return values[np.asarray(table[f"mask/{subset}"])[order]]
