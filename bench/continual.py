@@ -37,9 +37,14 @@ def base_config(args, run_dir: str):
     from runners.continual import parser as continual_parser
 
     p = continual_parser()
+    if args.synthetic:  # the embedded catalogue: co-occurrence drift from 60% of the time axis on, by construction
+        data_args = ["--data.source", "synthetic", "--data.name", "synthetic_drift", "--data.root", "null",
+                     "--data.synthetic.num_users", str(args.synthetic_users),
+                     "--data.synthetic.num_items", str(args.synthetic_items)]
+    else:
+        data_args = ["--data.root", args.data, "--data.name", Path(args.data).name]
     cfg = p.parse_args(["--config", str(Path(__file__).resolve().parents[1] / "configs/continual/"
-                                        "office_products_2018_d3.yaml"),
-                        "--data.root", args.data, "--data.name", Path(args.data).name,
+                                        "office_products_2018_d3.yaml"), *data_args,
                         "--continual.run_dir", run_dir, "--continual.logger", "none",
                         "--continual.seed", str(args.seed)])
     init = p.instantiate(cfg)
@@ -142,6 +147,11 @@ def main() -> dict:
                         "through continual.init_from); keys `<method>/<metric>/{mean,ci95_low,ci95_high}` over "
                         "seeds and `<method>_vs_<baseline>/<metric>/p_value` (paired, same instances)")
     p.add_argument("--workdir", default=None, help="keep run folders here (default: a temporary folder)")
+    p.add_argument("--synthetic", action="store_true",
+                   help="use the synthetic catalogue (its category transitions drift from 60%% of the time axis on) "
+                        "instead of --data")
+    p.add_argument("--synthetic_users", type=int, default=3000)
+    p.add_argument("--synthetic_items", type=int, default=1500)
     args = p.parse_args()
     seeds = args.seeds or [args.seed]
     res: dict = {}
