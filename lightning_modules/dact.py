@@ -10,6 +10,7 @@ embeddings of the current period.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict
 from pathlib import Path
 
@@ -17,7 +18,8 @@ import lightning as L
 import numpy as np
 import torch
 
-from genrec.tokenizers.dact import DACTConfig, DACTModel, linear_warmup_decay, reassign_mode
+from genrec.schedules import warmup_schedule
+from genrec.tokenizers.dact import DACTConfig, DACTModel, reassign_mode
 from genrec.tokenizers.reassign import ReassignResult, reassign
 from genrec.tokenizers.rqvae import RQVAE, RQVAEConfig
 from genrec.tokenizers.sid import SemanticIdTable
@@ -203,8 +205,7 @@ class DACTModule(L.LightningModule):
         finite = np.isfinite(total) and total > 0
         per_epoch = total / epochs if finite else 1
         warmup = round(c.warmup_epochs * per_epoch)
-        total_steps = int(total) if finite else 2**62  # unbounded run: warm-up, then (almost) flat
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: linear_warmup_decay(s, warmup, total_steps))
+        sched = warmup_schedule(opt, "linear", warmup, total if finite else math.inf)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     # ------------------------------------------------------------------ inference / reassignment

@@ -26,6 +26,7 @@ from genrec.tokenizers.rqvae import (
     collision_rate,
 )
 from genrec.tokenizers.sid import SemanticIdTable, SuffixOverflowError
+from genrec.schedules import warmup_schedule
 from lightning_modules._hparams import save_plain_hparams
 
 
@@ -182,16 +183,7 @@ class RQVAEModule(L.LightningModule):
         else:  # unbounded run: count one epoch as one pass of the train loader
             per_epoch = max(len(self.trainer.datamodule.train_dataloader()), 1) if self.trainer.datamodule else 1
         warmup = round(hp.warmup_epochs * per_epoch)
-        linear = hp.lr_schedule == "linear" and np.isfinite(total)
-
-        def factor(step: int) -> float:
-            if step < warmup:
-                return step / max(warmup, 1)
-            if not linear:
-                return 1.0
-            return max(0.0, (total - step) / max(total - warmup, 1))
-
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+        sched = warmup_schedule(opt, hp.lr_schedule, warmup, total)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     # ------------------------------------------------------------------ inference and SID table

@@ -193,20 +193,12 @@ class TigerModule(CatalogueBound, L.LightningModule):
         self.clip_gradients(optimizer, gradient_clip_val or self.hparams.grad_clip, gradient_clip_algorithm or "norm")
 
     def configure_optimizers(self):
-        from transformers import (
-            get_constant_schedule_with_warmup,
-            get_cosine_schedule_with_warmup,
-            get_linear_schedule_with_warmup,
-        )
+        """AdamW with warm-up and decay (``--optimizer`` / ``--lr_scheduler`` on the CLI replace both)."""
+        from genrec.schedules import warmup_schedule
 
         hp = self.hparams
         opt = torch.optim.AdamW(self.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
-        total = max(int(self.trainer.estimated_stepping_batches), 1)
-        if hp.scheduler == "constant":
-            sched = get_constant_schedule_with_warmup(opt, hp.warmup_steps)
-        else:
-            make = get_cosine_schedule_with_warmup if hp.scheduler == "cosine" else get_linear_schedule_with_warmup
-            sched = make(opt, hp.warmup_steps, max(total, hp.warmup_steps + 1))
+        sched = warmup_schedule(opt, hp.scheduler, hp.warmup_steps, self.trainer.estimated_stepping_batches)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     # ------------------------------------------------------------------ evaluation

@@ -78,3 +78,32 @@ def test_cli_fit_then_validate_from_checkpoint(monkeypatch, tmp_path):
     ckpt = next(tmp_path.rglob("last.ckpt"))
     main(["validate", *common, "--ckpt_path", str(ckpt)])
     assert (tmp_path / "runs/synthetic/tiger").exists()
+
+
+@pytest.mark.slow
+def test_injected_optimizer_and_scheduler_drive_training(monkeypatch, tmp_path):
+    """`--optimizer SGD --lr_scheduler StepLR` replace the module's AdamW + warm-up; the LR used per step follows."""
+    import lightning as L
+
+    from lightning_modules.cli import GenrecCLI
+
+    monkeypatch.chdir(tmp_path)
+    args = ["fit", "--config", str(REPO / "configs/tiger/synthetic.yaml"), "--trainer.logger", "false",
+            "--data.init_args.data.synthetic.num_users", "100", "--data.init_args.data.synthetic.num_items", "60",
+            "--trainer.max_epochs", "2", "--trainer.limit_val_batches", "0", "--trainer.enable_progress_bar", "false",
+            "--trainer.callbacks", "[]", "--optimizer", "SGD", "--optimizer.lr", "0.05",
+            "--lr_scheduler", "StepLR", "--lr_scheduler.step_size", "1", "--lr_scheduler.gamma", "0.5"]
+    cli = GenrecCLI(subclass_mode_model=True, subclass_mode_data=True, run=False, args=args[1:],
+                    parser_kwargs={"default_env": False})
+    seen = []
+
+    class Record(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            opt = trainer.optimizers[0]
+            seen.append((trainer.current_epoch, type(opt).__name__, opt.param_groups[0]["lr"]))
+
+    cli.trainer.callbacks.append(Record())
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    assert {name for _, name, _ in seen} == {"SGD"}
+    by_epoch = {e: lr for e, _, lr in seen}
+    assert by_epoch == pytest.approx({0: 0.05, 1: 0.025})  # StepLR steps once per epoch

@@ -19,7 +19,6 @@ from genrec.tokenizers.dact import (
     confidence_regularizer,
     dact_fit,
     global_kl_loss,
-    linear_warmup_decay,
     mix_latents,
     num_drifting,
     random_mask,
@@ -184,8 +183,22 @@ def test_global_kl_in_model_uses_temperature_and_level1():
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
 
 
-def test_linear_warmup_decay():
-    assert [linear_warmup_decay(s, 2, 6) for s in range(7)] == [0.0, 0.5, 1.0, 0.75, 0.5, 0.25, 0.0]
+@pytest.mark.parametrize("kind, expected", [
+    ("linear", [0.0, 0.5, 1.0, 0.75, 0.5, 0.25, 0.0]),
+    ("constant", [0.0, 0.5, 1.0, 1.0, 1.0, 1.0, 1.0]),
+    ("cosine", [0.0, 0.5, 1.0, 0.853553, 0.5, 0.146447, 0.0]),
+])
+def test_warmup_schedules(kind, expected):
+    from genrec.schedules import warmup_schedule
+
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = warmup_schedule(opt, kind, 2, 6)
+    got = []
+    for _ in range(7):
+        got.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert got == pytest.approx(expected, abs=1e-6)
 
 
 # ============================================================================================ DACT model

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from genrec.errors import ConfigError
+from genrec.schedules import warmup_schedule
 from genrec.tokenizers.rqvae import RQVAE
 
 
@@ -233,13 +234,6 @@ def global_kl_loss(old_log_probs: torch.Tensor, new_log_probs: torch.Tensor) -> 
         F.kl_div(new_log_probs, old_log_probs, reduction="batchmean", log_target=True)
         / old_log_probs.shape[-1]
     )
-
-
-def linear_warmup_decay(step: int, warmup_steps: int, total_steps: int) -> float:
-    """LR factor: linear 0→1 over ``warmup_steps``, then linear 1→0 at ``total_steps``."""
-    if warmup_steps > 0 and step < warmup_steps:
-        return step / warmup_steps
-    return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
 
 
 # --------------------------------------------------------------------------------------------- model
@@ -483,7 +477,7 @@ def dact_fit(
     gen = torch.Generator().manual_seed(c.seed)
     model.generator = gen
     opt = torch.optim.AdamW(model.trainable_parameters(), lr=c.lr, weight_decay=c.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: linear_warmup_decay(s, warmup, total))
+    sched = warmup_schedule(opt, "linear", warmup, total)
     history: list[dict[str, float]] = []
     model.train()
     for epoch in range(epochs):
@@ -524,7 +518,6 @@ __all__ = [
     "config_dict",
     "dact_fit",
     "global_kl_loss",
-    "linear_warmup_decay",
     "mix_latents",
     "num_drifting",
     "random_mask",
