@@ -77,6 +77,7 @@ class GenRecEditCallback(L.Callback):
         items: Explicit cold items (overrides the period's new items; items the model trained on are still dropped).
         embeddings: Item text embeddings (row = item); None: ``genrec.data.pipeline.item_embeddings`` (cached).
         edit_on_test: Edit in ``on_test_start`` (False: only restore/keep edits given explicitly or by checkpoint).
+        verbose: Print one status line per edit phase and per λ candidate.
     """
 
     def __init__(
@@ -88,6 +89,7 @@ class GenRecEditCallback(L.Callback):
         items: np.ndarray | None = None,
         embeddings: np.ndarray | None = None,
         edit_on_test: bool = True,
+        verbose: bool = True,
     ) -> None:
         self.config = config or EditConfig()
         self.cold_period = cold_period
@@ -96,6 +98,7 @@ class GenRecEditCallback(L.Callback):
         self.items = None if items is None else np.asarray(items, dtype=np.int64)
         self.embeddings = embeddings
         self.edit_on_test = edit_on_test
+        self.verbose = verbose
         self.edits: PositionEdits | None = None
         self.report: EditReport | None = None
         self.metrics: dict[str, float] = {}
@@ -168,7 +171,7 @@ class GenRecEditCallback(L.Callback):
                 module.t5, table, cold, emb[cold], emb[warm], train.history, train.target, warm_items=warm,
                 eval_history=None if eval_inst is None else eval_inst.history,
                 eval_target=None if eval_inst is None else eval_inst.target,
-                history_encoder=module_history_encoder(module),
+                history_encoder=module_history_encoder(module), progress=self._say,
             )
             if cfg.cov_lambda == "auto":
                 edits, choice = self.choose_lambda(plan, module, datamodule)
@@ -206,9 +209,19 @@ class GenRecEditCallback(L.Callback):
                 candidates[lam] = module.evaluate_loader(loader)
             finally:
                 self.remove(module)
+            m = candidates[lam]
+            self._say(f"λ {lam:g}: val recall@10/cold {m.get('val/recall@10/cold', float('nan')):.4f} "
+                      f"(unedited {unedited.get('val/recall@10/cold', float('nan')):.4f}), val ndcg@10/warm "
+                      f"{m.get('val/ndcg@10/warm', float('nan')):.4f} (unedited "
+                      f"{unedited.get('val/ndcg@10/warm', float('nan')):.4f})")
         choice = choose_lambda(unedited, candidates, cfg.max_warm_drop)
+        self._say(choice.reason)
         plan.timers.times["select"] = time.perf_counter() - t0
         return (None if choice.cov_lambda is None else plan.solve(choice.cov_lambda)), choice
+
+    def _say(self, message: str) -> None:
+        if self.verbose:
+            print(f"[edit] {message}", flush=True)
 
     @staticmethod
     def _report_metrics(report, seconds: float, num_cold: int, edits) -> dict[str, float]:

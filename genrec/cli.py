@@ -37,7 +37,8 @@ def usage() -> str:
     lines = [f"usage: genrec <command> [--help] [options]     (genrec {__version__})", "", "commands:"]
     lines += [f"  {name:<10} {desc}" for name, (_, desc) in COMMANDS.items()]
     lines += ["", "`genrec <command> --help` lists every option with its default and doc.",
-              "--debug (or GENREC_DEBUG=1) shows the traceback of an error; --version prints the version."]
+              "--debug (or GENREC_DEBUG=1) shows the traceback of an error; --verbose (or GENREC_VERBOSE=1) keeps "
+              "third-party log lines and warnings; --version prints the version."]
     return "\n".join(lines)
 
 
@@ -122,7 +123,9 @@ def _finish_wandb() -> None:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv or os.environ.get("GENREC_DEBUG", "") not in ("", "0", "false", "False")
-    argv = [a for a in argv if a != "--debug"]
+    if "--verbose" in argv:
+        os.environ["GENREC_VERBOSE"] = "1"
+    argv = [a for a in argv if a not in ("--debug", "--verbose")]
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(usage())
         return 0
@@ -136,6 +139,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"genrec: error: unknown command {cmd!r}; expected one of {', '.join(COMMANDS)} (genrec --help)",
               file=sys.stderr)
         return 2
+    from genrec.quiet import quiet_third_party
+
+    quiet_third_party()
     fn = _resolve(COMMANDS[cmd][0])
     try:
         fn(argv if cmd in LIGHTNING_SUBCOMMANDS else argv[1:])

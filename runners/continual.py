@@ -232,10 +232,15 @@ class ContinualRunner:
     def trainer(self, epochs: int, t: int, stage: str, **kw):
         import lightning as L
 
+        from lightning_modules._progress import progress_kwargs
+
+        progress = progress_kwargs(f"continual {self.cfg.name}] [period {t} {stage}")
+        callbacks = progress.pop("callbacks") + kw.pop("callbacks", [])
         return L.Trainer(
             max_epochs=epochs, accelerator=self.cfg.accelerator, devices=1, logger=False,
-            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-            num_sanity_val_steps=0, deterministic=True, default_root_dir=str(self.period_dir(t) / stage), **kw,
+            enable_checkpointing=False, enable_model_summary=False, callbacks=callbacks,
+            num_sanity_val_steps=0, deterministic=True, default_root_dir=str(self.period_dir(t) / stage),
+            **progress, **kw,
         )
 
     def seed(self, t: int) -> None:
