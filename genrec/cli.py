@@ -37,8 +37,8 @@ def usage() -> str:
     lines = [f"usage: genrec <command> [--help] [options]     (genrec {__version__})", "", "commands:"]
     lines += [f"  {name:<10} {desc}" for name, (_, desc) in COMMANDS.items()]
     lines += ["", "`genrec <command> --help` lists every option with its default and doc.",
-              "--debug (or GENREC_DEBUG=1) shows the traceback of an error; --verbose (or GENREC_VERBOSE=1) keeps "
-              "third-party log lines and warnings; --version prints the version."]
+              "--debug (or GENREC_DEBUG=1) shows the traceback of an error;",
+              "--verbose (or GENREC_VERBOSE=1) keeps third-party log lines and warnings; --version the version."]
     return "\n".join(lines)
 
 

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from genrec.schedules import warmup_schedule
 from genrec.tokenizers.rqvae import (
     RQVAE,
     RQVAEConfig,
@@ -26,7 +27,6 @@ from genrec.tokenizers.rqvae import (
     collision_rate,
 )
 from genrec.tokenizers.sid import SemanticIdTable, SuffixOverflowError
-from genrec.schedules import warmup_schedule
 from lightning_modules._hparams import save_plain_hparams
 
 
