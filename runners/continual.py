@@ -103,6 +103,8 @@ class ContinualConfig:
         edit_config: GenRecEdit settings used when ``edit`` is on.
         seed: One seed for everything (period t uses seed + t).
         accelerator: Lightning accelerator of every stage (auto | cpu | gpu).
+        precision: Lightning precision of every stage (``bf16-mixed`` on recent GPUs; the closed-form edit and C̄0
+            stay float64 regardless).
         logger: wandb (offline unless WANDB_MODE says otherwise) | csv | none.
         wandb_project: W&B project; runs are grouped by dataset and named <method>-seed<seed>; a resumed run
             continues the same W&B run.
@@ -122,6 +124,7 @@ class ContinualConfig:
     edit_config: EditConfig = field(default_factory=EditConfig)
     seed: int = 0
     accelerator: str = "auto"
+    precision: Literal["32-true", "bf16-mixed", "16-mixed", "bf16-true"] = "32-true"
     logger: Literal["wandb", "csv", "none"] = "wandb"
     wandb_project: str = "genrec"
     rqvae: RQVAEConfig = field(default_factory=RQVAEConfig)
@@ -237,7 +240,7 @@ class ContinualRunner:
         progress = progress_kwargs(f"continual {self.cfg.name}] [period {t} {stage}")
         callbacks = progress.pop("callbacks") + kw.pop("callbacks", [])
         return L.Trainer(
-            max_epochs=epochs, accelerator=self.cfg.accelerator, devices=1, logger=False,
+            max_epochs=epochs, accelerator=self.cfg.accelerator, precision=self.cfg.precision, devices=1, logger=False,
             enable_checkpointing=False, enable_model_summary=False, callbacks=callbacks,
             num_sanity_val_steps=0, deterministic=True, default_root_dir=str(self.period_dir(t) / stage),
             **progress, **kw,

@@ -1,6 +1,7 @@
 import json
 import shutil
 
+import numpy as np
 import pytest
 
 from genrec.data.config import DataConfig
@@ -185,3 +186,14 @@ def test_init_from_shares_period_zero_and_checks_its_settings(tmp_path):
     with pytest.raises(RunMismatchError, match="tiger_stage.epochs: 1 → 2"):
         ContinualRunner(d3, c3).run()
     assert not (tmp_path / "third").exists()
+
+
+@pytest.mark.slow
+def test_bf16_mixed_trains_every_stage(tmp_path):
+    """SASRec, RQ-VAE, DACT and TIGER all train and evaluate under bf16 autocast (CPU supports it)."""
+    data, cfg = tiny(tmp_path / "run", method="dact", last_period=1)
+    cfg.precision, cfg.logger = "bf16-mixed", "none"
+    res = ContinualRunner(data, cfg).run()
+    for t in (0, 1):
+        assert 0.0 <= res[t]["test/recall@8/overall"] <= 1.0
+    assert res[1]["code_change/overall"] >= 0.0 and np.isfinite(res[1]["recommender/loss_kept/after"])
