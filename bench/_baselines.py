@@ -46,13 +46,15 @@ def run_baselines(
     cf_dim: int | None = None,
     accelerator: str = "auto",
     per_instance: dict | None = None,
+    modules: dict | None = None,
 ) -> dict:
     """Fit SASRec (Lightning) and evaluate it and the popularity list; returns flat float keys.
 
     Keys: ``sasrec/test/{recall,ndcg}@{k}/{overall,warm,cold,new}`` (and the other item metrics),
     ``popularity/test/...`` (same names), ``seconds/sasrec_fit``, ``sasrec/best_epoch``, ``sasrec/epochs_run``,
     ``sasrec/val/ndcg@10/overall`` (of the selected epoch). ``cf_path`` also writes the CF item table (.npy).
-    ``per_instance`` (a dict) receives the per-instance test values of ``sasrec`` and ``popularity``.
+    ``per_instance`` (a dict) receives the per-instance test values of ``sasrec`` and ``popularity``; ``modules``
+    the selected ``SASRecModule``.
     """
     import lightning as L
     from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
@@ -90,6 +92,8 @@ def run_baselines(
         out["sasrec/val/ndcg@10/overall"] = float(ckpt.best_model_score)
         (res,) = trainer.test(best, datamodule=dm, verbose=False)
     out.update({f"sasrec/{k}": float(v) for k, v in res.items()})
+    if modules is not None:
+        modules["sasrec"] = best
     if per_instance is not None:
         per_instance["sasrec"] = best.per_instance.get("test")
         per_instance["popularity"] = tables.get("test")

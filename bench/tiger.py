@@ -21,7 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from _common import parser, report
 
 
-def train_tiger(args, prepared_dir: str, workdir: str, per_instance: dict | None = None) -> dict:
+def train_tiger(args, prepared_dir: str, workdir: str, per_instance: dict | None = None,
+                modules: dict | None = None) -> dict:
     import lightning as L
     from lightning.pytorch.callbacks import ModelCheckpoint
 
@@ -52,6 +53,8 @@ def train_tiger(args, prepared_dir: str, workdir: str, per_instance: dict | None
     res = trainer.test(best, datamodule=dm, verbose=False)[0]
     if per_instance is not None:
         per_instance["tiger"] = best.per_instance.get("test")
+    if modules is not None:
+        modules["tiger"], modules["dm"] = best, dm
     out = {f"tiger/{k}": float(v) for k, v in res.items()}
     out["seconds/tiger_fit"] = fit_seconds
     out["tiger/best_val_recall@10"] = float(ckpt.best_model_score)

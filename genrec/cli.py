@@ -26,6 +26,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "predict": ("lightning_modules.cli:run_lightning_cli", "top-K recommendations per user to a file"),
     "continual": ("runners.continual:main", "the continual-period loop (DACT, fine-tuning, GenRecEdit)"),
     "edit": ("runners.edit:main", "inject cold-start items into a TIGER checkpoint (GenRecEdit)"),
+    "analyze": ("runners.analyze:main", "MemGen memorization/generalization analysis and the TIGER+SASRec ensemble"),
     "demo": ("runners.demo:main", "the main job end to end on the synthetic catalogue (offline, CPU)"),
 }
 LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
