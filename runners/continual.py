@@ -101,6 +101,9 @@ class ContinualConfig:
         edit: Run GenRecEdit after each period's recommender update on the next period's new items (decision 6:
             edits are evaluated on period t+1's test instances and removed before the next period's training).
         edit_config: GenRecEdit settings used when ``edit`` is on.
+        analyze: Run the MemGen analysis (``genrec analyze``) of each period's TIGER and its CF SASRec on the
+            period's validation/test cases: ``memgen/…`` keys in the period's metrics, tables in
+            ``period_<t>/analysis/`` (needs ``use_cf``).
         seed: One seed for everything (period t uses seed + t).
         accelerator: Lightning accelerator of every stage (auto | cpu | gpu).
         precision: Lightning precision of every stage (``bf16-mixed`` on recent GPUs; the closed-form edit and C̄0
@@ -122,6 +125,7 @@ class ContinualConfig:
     use_cf: bool = True
     edit: bool = False
     edit_config: EditConfig = field(default_factory=EditConfig)
+    analyze: bool = False
     seed: int = 0
     accelerator: str = "auto"
     precision: Literal["32-true", "bf16-mixed", "16-mixed", "bf16-true"] = "32-true"
@@ -155,6 +159,9 @@ class ContinualConfig:
         if tok == "dact" and not self.use_cf:
             raise ConfigError("continual.use_cf false cannot run the DACT tokenizer: its drift module and CF "
                               "alignment read the period's CF (SASRec) embeddings; use use_cf true or another method")
+        if self.analyze and not self.use_cf:
+            raise ConfigError("continual.analyze true needs use_cf true: the SASRec half of the analysis is the "
+                              "period's CF model")
         if self.edit and self.tiger.num_user_tokens > 0:
             raise ConfigError("continual.edit true needs tiger.num_user_tokens 0 (GenRecEdit's pseudo histories "
                               "have no user)")
@@ -358,6 +365,23 @@ class ContinualRunner:
             self.diagnostics.update({f"recommender/loss_{k}/after": v for k, v in after.items()})
         self.tiger_state = {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
         return module, dm
+
+    def stage_analyze(self, t: int, module, dm) -> dict[str, float]:
+        """MemGen analysis of this period's TIGER and CF SASRec; tables into ``period_<t>/analysis``."""
+        from lightning_modules.sasrec import SASRecModule
+        from runners.analyze import analyze_modules, write_outputs
+
+        n = self.dataset.num_items
+        sas = SASRecModule(dataclasses.replace(self.cfg.sasrec, num_items=n), ks=tuple(self.cfg.ks))
+        sas.load_state_dict(self.sasrec_state)
+        sas.eval_item_mask = sas._mask(dm.catalogue(), n)
+        sas = sas.to(module.device)
+        flat, tables = analyze_modules(module, sas, dm)
+        out = self.period_dir(t) / "analysis"
+        out.mkdir(parents=True, exist_ok=True)
+        write_outputs(out, flat, tables)
+        keep = {k: v for k, v in flat.items() if not k.startswith("seconds/")}
+        return {f"memgen/{k}" if not k.startswith("memgen/") else k: v for k, v in keep.items()}
 
     # ------------------------------------------------------------------ diagnostics (DACT Fig. 4 / Fig. 6)
     def sid_status(self, items: np.ndarray) -> dict[str, np.ndarray]:
@@ -603,6 +627,10 @@ class ContinualRunner:
         metrics.update(self.evaluate(t, module, dm))
         timings["evaluate"] = time.perf_counter() - t0
         metrics.update(self.per_status_metrics(dm))
+        if self.cfg.analyze:
+            t0 = time.perf_counter()
+            metrics.update(self.stage_analyze(t, module, dm))
+            timings["analyze"] = time.perf_counter() - t0
         metrics.update(self.cf_alignment(t, cf))
         metrics.update(self.diagnostics)
         for k, v in diff.items():

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from genrec.data.config import DataConfig
+from genrec.errors import ConfigError
 from genrec.data.synthetic import SyntheticConfig
 from genrec.models.sasrec import SASRecConfig
 from genrec.models.tiger import TigerConfig
@@ -197,3 +198,14 @@ def test_bf16_mixed_trains_every_stage(tmp_path):
     for t in (0, 1):
         assert 0.0 <= res[t]["test/recall@8/overall"] <= 1.0
     assert res[1]["code_change/overall"] >= 0.0 and np.isfinite(res[1]["recommender/loss_kept/after"])
+
+
+def test_continual_analyze_adds_memgen_keys_and_tables(tmp_path):
+    data, cfg = tiny(tmp_path / "run", method="frozen", last_period=1)
+    cfg.analyze, cfg.logger = True, "none"
+    res = ContinualRunner(data, cfg).run()
+    for t in (0, 1):
+        assert "memgen/ratio/memorization" in res[t] and "memgen/tiger/test/ndcg@10/generalization" in res[t]
+        assert (tmp_path / "run" / f"period_{t}" / "analysis" / "labels.csv").exists()
+    with pytest.raises(ConfigError, match="use_cf"):
+        ContinualConfig(method="frozen", analyze=True, use_cf=False)
