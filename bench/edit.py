@@ -159,7 +159,14 @@ def print_summary(res: dict) -> None:
 
 
 def run_one(args) -> tuple[dict, dict]:
-    """Every row for one seed: (flat results, per-instance test values per row)."""
+    """Every row for one seed: (flat results, per-instance test values per row), in a temporary work folder."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="genrec_bench_edit_") as work:
+        return _run_one(args, work)
+
+
+def _run_one(args, work: str) -> tuple[dict, dict]:
     import lightning as L
     import numpy as np
     import torch
@@ -201,7 +208,7 @@ def run_one(args) -> tuple[dict, dict]:
     def trainer(max_epochs=1, **kw):
         return L.Trainer(max_epochs=max_epochs, accelerator=accel, devices=1, logger=False, enable_progress_bar=False,
                          enable_model_summary=False, enable_checkpointing=False, num_sanity_val_steps=0,
-                         limit_val_batches=0, default_root_dir="/tmp/genrec_bench_edit", **kw)
+                         limit_val_batches=0, default_root_dir=work, **kw)
 
     def timed_fit(module, loader_or_dm, max_epochs, save_to=None):
         t = trainer(max_epochs)
@@ -319,7 +326,7 @@ def run_one(args) -> tuple[dict, dict]:
     chosen_lambda = 3000.0 if math.isnan(lam) else lam  # no edit chosen: the ablations use the paper's λ
 
     # Ablations, upper bound and the λ sweep on the same model (C̄0 cached across them: same training rows).
-    cache = Path("/tmp/genrec_bench_edit/cov_cache")
+    cache = Path(work) / "cov_cache"
 
     def edit_row(name: str, **overrides) -> None:
         # rows other than `edited` fix λ (the one chosen for `edited`, or the given one): the ablations compare
