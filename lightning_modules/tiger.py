@@ -10,12 +10,15 @@ import numpy as np
 import torch
 
 from genrec.decoding.beam_search import constrained_beam_search
+from genrec.decoding.modes import DecodingConfig, decode
 from genrec.decoding.trie import SidTrie
 from genrec.errors import CheckpointError, ConfigError
 from genrec.metrics import RankingMetrics
+from genrec.models.dense import DenseScorerConfig
 from genrec.models.ffn_edit import FFNEdit
 from genrec.models.tiger import TigerConfig, build_tiger
 from genrec.tokenizers.sid import PAD_TOKEN, SemanticIdTable
+from lightning_modules._arena import ArenaMixin
 from lightning_modules._catalogue import CatalogueBound
 from lightning_modules._hparams import save_plain_hparams
 from lightning_modules._outputs import write_metrics_json
@@ -28,7 +31,7 @@ def item_token_matrix(table: SemanticIdTable, num_items: int) -> torch.Tensor:
     return torch.from_numpy(out)
 
 
-class TigerModule(CatalogueBound, L.LightningModule):
+class TigerModule(ArenaMixin, CatalogueBound, L.LightningModule):
     """TIGER recommender.
 
     Args:
@@ -48,6 +51,13 @@ class TigerModule(CatalogueBound, L.LightningModule):
         ks: Cut-offs of the ranking metrics.
         constrained: Trie-constrained decoding (decision 4); False only as an explicit ablation.
         rkmeans_iters: Lloyd iterations when the SID table is built at setup.
+        dense: Dense content scorer beside TIGER (the LIGER-style hybrid of the cold-start arena); None = none.
+        dense_loss_weight: Weight of the dense scorer's softmax loss next to TIGER's CE (``dense_train joint``).
+        dense_train: ``joint`` (both losses, gradients reach the encoder) or ``post_hoc`` (TIGER frozen; only the
+            dense scorer trains, on detached encoder states).
+        text_dim: Width of the item text embeddings the dense scorer reads (recorded at setup; set it only to
+            rebuild a dense scorer before its checkpoint is loaded).
+        decoding: Decoding mode (beam | diverse | hybrid | mmr) and its knobs (``genrec.decoding.modes``).
     """
 
     def __init__(
@@ -66,6 +76,11 @@ class TigerModule(CatalogueBound, L.LightningModule):
         ks: tuple[int, ...] = (5, 10, 20),
         constrained: bool = True,
         rkmeans_iters: int = 50,
+        dense: DenseScorerConfig | None = None,
+        dense_loss_weight: float = 1.0,
+        dense_train: Literal["joint", "post_hoc"] = "joint",
+        text_dim: int | None = None,
+        decoding: DecodingConfig | None = None,
     ):
         super().__init__()
         if not ks or min(ks) < 1:
@@ -84,7 +99,9 @@ class TigerModule(CatalogueBound, L.LightningModule):
                                    "suffix_size": suffix_size, "lr": lr, "weight_decay": weight_decay,
                                    "warmup_steps": warmup_steps, "scheduler": scheduler, "grad_clip": grad_clip,
                                    "num_beams": num_beams, "ks": list(ks), "constrained": constrained,
-                                   "rkmeans_iters": rkmeans_iters})
+                                   "rkmeans_iters": rkmeans_iters,
+                                   "dense": _plain(dense), "dense_loss_weight": dense_loss_weight,
+                                   "dense_train": dense_train, "text_dim": text_dim, "decoding": _plain(decoding)})
         self.vocab_size = 1 + num_levels * codebook_size + suffix_size  # SID tokens; user tokens follow them
         self.t5 = build_tiger(self.cfg, self.vocab_size)
         self.sid_table: SemanticIdTable | None = None
@@ -97,6 +114,7 @@ class TigerModule(CatalogueBound, L.LightningModule):
         self.predictions: list[dict] = []
         self.extra_test_metrics: dict[str, float] = {}  # e.g. the GenRecEdit callback's edit report
         self.per_instance: dict[str, dict] = {}  # "val"/"test" → the last evaluation's per-instance values
+        self.init_arena()
 
     # ------------------------------------------------------------------ SIDs
     def set_sid_table(self, table: SemanticIdTable, catalogue: np.ndarray | None = None, num_items: int | None = None):
@@ -136,6 +154,7 @@ class TigerModule(CatalogueBound, L.LightningModule):
             self.set_sid_table(table, catalogue, num_items)
         elif catalogue is not None:
             self.set_sid_table(self.sid_table, catalogue, num_items)
+        self.setup_arena(dm)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         self.save_catalogue(checkpoint)
@@ -182,12 +201,19 @@ class TigerModule(CatalogueBound, L.LightningModule):
     # ------------------------------------------------------------------ training
     def forward(self, history: torch.Tensor, target: torch.Tensor, user: torch.Tensor | None = None) -> torch.Tensor:
         input_ids, mask = self.encode(history, user)
-        return self.t5(input_ids=input_ids, attention_mask=mask, labels=self.targets(target)).loss
+        return self.dense_or_joint_loss(input_ids, mask, self.targets(target), target)[0]
 
     def training_step(self, batch, batch_idx):
-        loss = self(batch["history"], batch["target"], batch.get("user"))
+        input_ids, mask = self.encode(batch["history"], batch.get("user"))
+        loss, dense = self.dense_or_joint_loss(input_ids, mask, self.targets(batch["target"]), batch["target"])
         self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["target"]))
+        if dense is not None:
+            self.log("train/dense_loss", dense, batch_size=len(batch["target"]))
         return loss
+
+    def on_train_epoch_start(self) -> None:
+        if self.dense is not None and self.hparams.dense_train == "post_hoc":
+            self.t5.eval()  # frozen: no dropout in the states the dense scorer learns from
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
         self.clip_gradients(optimizer, gradient_clip_val or self.hparams.grad_clip, gradient_clip_algorithm or "norm")
@@ -197,24 +223,33 @@ class TigerModule(CatalogueBound, L.LightningModule):
         from genrec.schedules import warmup_schedule
 
         hp = self.hparams
-        opt = torch.optim.AdamW(self.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
+        opt = torch.optim.AdamW(self.arena_parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
         sched = warmup_schedule(opt, hp.scheduler, hp.warmup_steps, self.trainer.estimated_stepping_batches)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     # ------------------------------------------------------------------ evaluation
     def recommend(self, history: torch.Tensor, top_k: int | None = None, edit: FFNEdit | None = None,
                   user: torch.Tensor | None = None):
+        """(items, scores, tokens) of the configured decoding mode (``decoding``); tokens are the items' SIDs, or
+        the generated tokens in plain beam mode (invalid SIDs included when unconstrained)."""
         input_ids, mask = self.encode(history, user)
-        return constrained_beam_search(
-            self.t5, input_ids, mask, self.trie, num_beams=self.hparams.num_beams,
-            top_k=top_k or max(self.ks), edit=edit if edit is not None else self.edit,
-            unconstrained=not self.hparams.constrained, return_tokens=True,
-        )
+        k, edit = top_k or max(self.ks), edit if edit is not None else self.edit
+        if self.decoding.mode == "beam":
+            return constrained_beam_search(
+                self.t5, input_ids, mask, self.trie, num_beams=self.hparams.num_beams, top_k=k, edit=edit,
+                unconstrained=not self.hparams.constrained, return_tokens=True,
+            )
+        items, scores = decode(self.t5, input_ids, mask, self.trie, self.decoding, self.hparams.num_beams, k,
+                               edit=edit, ctx=self.decode_context(input_ids, mask))
+        tokens = self.item_tokens[items.clamp(min=0)] * (items >= 0).unsqueeze(-1)
+        return items, scores, tokens
 
-    def _eval_step(self, batch, metrics: RankingMetrics):
+    def _eval_step(self, batch, metrics: RankingMetrics, diversity=None):
         items, _, tokens = self.recommend(batch["history"], user=batch.get("user"))
         metrics.update(items, tokens, batch["target"], self.targets(batch["target"]), batch["subsets"],
                        instance_ids=batch["index"])
+        if diversity is not None:
+            diversity.update(items, batch["subsets"], instance_ids=batch["index"])
 
     @torch.no_grad()
     def evaluate_loader(self, loader, prefix: str = "val") -> dict[str, float]:
@@ -234,17 +269,27 @@ class TigerModule(CatalogueBound, L.LightningModule):
 
     def validation_step(self, batch, batch_idx):
         self.log("val/loss", self(batch["history"], batch["target"], batch.get("user")), batch_size=len(batch["target"]))
-        self._eval_step(batch, self.val_metrics)
+        self._eval_step(batch, self.val_metrics, self.val_diversity)
 
     def test_step(self, batch, batch_idx):
-        self._eval_step(batch, self.test_metrics)
+        self._eval_step(batch, self.test_metrics, self.test_diversity)
 
     def _log_metrics(self, metrics: RankingMetrics, prefix: str) -> dict:
         values = {f"{prefix}/{k}": v for k, v in metrics.compute().items()}
+        diversity = self.val_diversity if prefix == "val" else self.test_diversity
+        if diversity is not None:
+            values.update({f"{prefix}/{k}": v for k, v in diversity.compute().items()})
+            diversity.reset()
         self.log_dict(values, sync_dist=False)  # states are already reduced across ranks by torchmetrics
         self.per_instance[prefix] = metrics.per_instance_table()  # for paired tests across methods
         metrics.reset()
         return values
+
+    def on_validation_epoch_start(self) -> None:
+        self.reset_item_vectors()  # the dense towers changed during training
+
+    def on_test_epoch_start(self) -> None:
+        self.reset_item_vectors()
 
     def on_validation_epoch_end(self):
         self._log_metrics(self.val_metrics, "val")
@@ -257,6 +302,15 @@ class TigerModule(CatalogueBound, L.LightningModule):
     def predict_step(self, batch, batch_idx):
         items, scores, _ = self.recommend(batch["history"], user=batch.get("user"))
         return {"user": batch["user"].cpu(), "items": items.cpu(), "scores": scores.cpu()}
+
+
+def _plain(cfg) -> dict | None:
+    """A config dataclass (or dict) as a plain dict for the hyper-parameters (weights_only checkpoints)."""
+    if cfg is None or isinstance(cfg, dict):
+        return cfg
+    from dataclasses import asdict
+
+    return asdict(cfg)
 
 
 def _restrict(table: SemanticIdTable, items: np.ndarray) -> SemanticIdTable:
