@@ -113,6 +113,10 @@ class ContinualConfig:
             continues the same W&B run.
         dact: DACT knobs of the tokenizer stage for t > 0 with ``tokenizer dact``, including its epochs, learning
             rate and batch size (``finetune_tokenizer_stage`` is for finetune / reformer).
+        select_on_val: Keep the recommender epoch with the best validation recall@10 of the period (early
+            stopping, as in the papers); a fine-tune also competes with its starting point (epoch 0), so it never
+            ends below the model it started from on validation. False: the last epoch of a fixed budget.
+        select_every_n_epochs: Validation interval of from-scratch training (fine-tunes validate every epoch).
     """
 
     run_dir: str | None = None
@@ -145,6 +149,8 @@ class ContinualConfig:
     tiger_finetune_stage: StageConfig = field(default_factory=lambda: StageConfig(epochs=20, lr=3e-4,
                                                                                   batch_size=256))
     tiger_warmup_steps: int = 200
+    select_on_val: bool = True
+    select_every_n_epochs: int = 5
     num_beams: int = 20
     ks: list[int] = field(default_factory=lambda: [5, 10, 20])
     suffix_size: int = 256
@@ -246,9 +252,12 @@ class ContinualRunner:
 
         progress = progress_kwargs(f"continual {self.cfg.name}] [period {t} {stage}")
         callbacks = progress.pop("callbacks") + kw.pop("callbacks", [])
+        from lightning.pytorch.callbacks import ModelCheckpoint
+
+        checkpointing = any(isinstance(cb, ModelCheckpoint) for cb in callbacks)  # only the selection's own
         return L.Trainer(
             max_epochs=epochs, accelerator=self.cfg.accelerator, precision=self.cfg.precision, devices=1, logger=False,
-            enable_checkpointing=False, enable_model_summary=False, callbacks=callbacks,
+            enable_checkpointing=checkpointing, enable_model_summary=False, callbacks=callbacks,
             num_sanity_val_steps=0, deterministic=True, default_root_dir=str(self.period_dir(t) / stage),
             **progress, **kw,
         )
@@ -358,8 +367,7 @@ class ContinualRunner:
         self.diagnostics = {}
         if method != "frozen":
             before = self.changed_item_losses(module, dm) if not first else {}
-            trainer = self.trainer(stage.epochs, t, "tiger", check_val_every_n_epoch=max(stage.epochs, 1))
-            trainer.fit(module, datamodule=dm)
+            self.fit_recommender(t, module, dm, stage.epochs, from_scratch=method == "retrain")
             after = self.changed_item_losses(module, dm) if not first else {}
             self.diagnostics.update({f"recommender/loss_{k}/before": v for k, v in before.items()})
             self.diagnostics.update({f"recommender/loss_{k}/after": v for k, v in after.items()})
@@ -382,6 +390,38 @@ class ContinualRunner:
         write_outputs(out, flat, tables)
         keep = {k: v for k, v in flat.items() if not k.startswith("seconds/")}
         return {f"memgen/{k}" if not k.startswith("memgen/") else k: v for k, v in keep.items()}
+
+    def fit_recommender(self, t: int, module, dm, epochs: int, from_scratch: bool) -> None:
+        """Train TIGER; with ``select_on_val`` keep the epoch (or, for a fine-tune, the starting point) with the best
+        validation recall@10 of period t."""
+        import shutil
+
+        from lightning.pytorch.callbacks import ModelCheckpoint
+
+        c = self.cfg
+        if not c.select_on_val or epochs == 0:
+            self.trainer(epochs, t, "tiger", check_val_every_n_epoch=max(epochs, 1)).fit(module, datamodule=dm)
+            return
+        monitor = "val/recall@10/overall" if 10 in c.ks else f"val/recall@{max(c.ks)}/overall"
+        start = None if from_scratch else module.evaluate_loader(dm.val_dataloader()).get(monitor)
+        start_state = None if from_scratch else {k: v.detach().clone() for k, v in module.state_dict().items()}
+        folder = self.period_dir(t) / "tiger" / "select"
+        ckpt = ModelCheckpoint(dirpath=str(folder), monitor=monitor, mode="max", save_top_k=1, save_weights_only=True)
+        every = max(min(c.select_every_n_epochs, epochs), 1) if from_scratch else 1
+        trainer = self.trainer(epochs, t, "tiger", check_val_every_n_epoch=every, callbacks=[ckpt])
+        trainer.fit(module, datamodule=dm)
+        best = None if ckpt.best_model_score is None else float(ckpt.best_model_score)
+        if start is not None and (best is None or start >= best):
+            module.load_state_dict(start_state)  # fine-tuning never beat the starting point on validation
+            chosen = 0
+        elif best is not None:
+            saved = torch.load(ckpt.best_model_path, map_location="cpu", weights_only=True)
+            module.load_state_dict(saved["state_dict"])
+            chosen = int(saved["epoch"]) + 1
+        else:
+            chosen = epochs
+        self.diagnostics["recommender/selected_epoch"] = float(chosen)
+        shutil.rmtree(folder, ignore_errors=True)
 
     # ------------------------------------------------------------------ diagnostics (DACT Fig. 4 / Fig. 6)
     def sid_status(self, items: np.ndarray) -> dict[str, np.ndarray]:
