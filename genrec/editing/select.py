@@ -33,8 +33,11 @@ def _value(metrics: dict, key: str) -> float:
     return float(v) if v is not None and math.isfinite(float(v)) else 0.0
 
 
-def choose_lambda(unedited: dict, candidates: dict[float, dict], max_warm_drop: float = 0.05) -> LambdaChoice:
-    """``unedited`` / ``candidates[λ]``: validation metrics (keys ``val/recall@10/cold``, ``val/ndcg@10/warm``…)."""
+def choose_lambda(unedited: dict, candidates: dict[float, dict], max_warm_drop: float = 0.05,
+                  name: str = "λ") -> LambdaChoice:
+    """``unedited`` / ``candidates[λ]``: validation metrics (keys ``val/recall@10/cold``, ``val/ndcg@10/warm``…).
+    The same rule chooses any knob that trades cold gains against warm quality (``name`` labels it in the
+    reason; e.g. the hybrid re-ranking weight of ``bench/coldstart.py``)."""
     warm0, cold0 = _value(unedited, WARM_KEY), _value(unedited, COLD_KEY)
     rows, best = [], None
     for lam in sorted(candidates):
@@ -51,7 +54,7 @@ def choose_lambda(unedited: dict, candidates: dict[float, dict], max_warm_drop: 
     if best is not None:
         lam = best[1]
         row = next(r for r in rows if r["lambda"] == lam)
-        return LambdaChoice(lam, f"λ {lam:g}: cold val recall@10 +{row['cold_gain']:.4f}, warm val NDCG@10 "
+        return LambdaChoice(lam, f"{name} {lam:g}: cold val recall@10 +{row['cold_gain']:.4f}, warm val NDCG@10 "
                                  f"{row['warm_ratio']:.3f}× unedited", rows)
     if not any(r["feasible"] for r in rows):
         why = f"every candidate dropped warm val NDCG@10 by more than {max_warm_drop:.0%}"
