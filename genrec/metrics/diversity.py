@@ -18,11 +18,13 @@ Lists are taken as given (beam search and the re-rankers return distinct items).
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torchmetrics import Metric
+
+from genrec.metrics.ranking import subset_tensor
 
 
 # ------------------------------------------------------------------------------------- plain functions
@@ -117,24 +119,7 @@ class DiversityMetrics(Metric):
         return [f"{m}@{k}" for k in self.ks for m in ("ild", "distinct_l1", "distinct_l1_count", "novelty")]
 
     def _subset_tensor(self, subset_masks, bsz: int) -> torch.Tensor:
-        if isinstance(subset_masks, torch.Tensor):
-            if subset_masks.shape != (bsz, len(self.subsets)):
-                raise ValueError(f"subset_masks tensor must be (B, {len(self.subsets)}) for {self.subsets}")
-            return subset_masks.to(device=self.device, dtype=torch.bool)
-        if not isinstance(subset_masks, Mapping):
-            raise TypeError("subset_masks must be a mapping name → (B,) bool or a (B, S) bool tensor")
-        unknown = set(subset_masks) - set(self.subsets)
-        if unknown:
-            raise ValueError(f"subset_masks has unknown subsets {sorted(unknown)}; known: {self.subsets}")
-        cols = []
-        for name in self.subsets:
-            if name in subset_masks:
-                cols.append(torch.as_tensor(subset_masks[name], device=self.device).bool().reshape(bsz))
-            elif name == "overall":
-                cols.append(torch.ones(bsz, dtype=torch.bool, device=self.device))
-            else:
-                raise ValueError(f"subset_masks is missing subset {name!r}")
-        return torch.stack(cols, dim=1)
+        return subset_tensor(subset_masks, self.subsets, bsz, self.device)
 
     def update(self, pred_items: torch.Tensor, subset_masks, valid=None, instance_ids=None) -> None:
         """Add a batch: ``pred_items`` (B, K') ranked items (-1 = empty); masks / valid / ids as in RankingMetrics."""

@@ -78,6 +78,32 @@ def prefix_keys(tokens: torch.Tensor, n: int) -> torch.Tensor:
     return key
 
 
+def subset_tensor(subset_masks, subsets: Sequence[str], bsz: int, device) -> torch.Tensor:
+    """(B, S) bool masks from a (B, S) tensor or a mapping name → (B,) mask ("overall" may be omitted): the one
+    place that fixes the column order of the evaluation subsets."""
+    if isinstance(subset_masks, torch.Tensor):
+        if subset_masks.shape != (bsz, len(subsets)):
+            raise ValueError(f"subset_masks tensor must be (B, {len(subsets)}) for {list(subsets)}")
+        return subset_masks.to(device=device, dtype=torch.bool)
+    if not isinstance(subset_masks, Mapping):
+        raise TypeError("subset_masks must be a mapping name → (B,) bool or a (B, S) bool tensor")
+    unknown = set(subset_masks) - set(subsets)
+    if unknown:
+        raise ValueError(f"subset_masks has unknown subsets {sorted(unknown)}; known: {list(subsets)}")
+    cols = []
+    for name in subsets:
+        if name in subset_masks:
+            m = torch.as_tensor(subset_masks[name], device=device).bool().reshape(-1)
+            if m.shape[0] != bsz:
+                raise ValueError(f"subset_masks[{name!r}] must have shape ({bsz},), got {tuple(m.shape)}")
+        elif name == "overall":
+            m = torch.ones(bsz, dtype=torch.bool, device=device)
+        else:
+            raise ValueError(f"subset_masks is missing subset {name!r}")
+        cols.append(m)
+    return torch.stack(cols, dim=1)
+
+
 class RankingMetrics(Metric):
     """All ranking metrics for all K and all subsets in one torchmetrics ``Metric``.
 
@@ -137,27 +163,7 @@ class RankingMetrics(Metric):
         return cols + ["_invalid", "_returned"]
 
     def _subset_tensor(self, subset_masks, bsz: int, device) -> torch.Tensor:
-        if isinstance(subset_masks, torch.Tensor):
-            if subset_masks.shape != (bsz, len(self.subsets)):
-                raise ValueError(f"subset_masks tensor must be (B, {len(self.subsets)}) for {self.subsets}")
-            return subset_masks.to(device=device, dtype=torch.bool)
-        if not isinstance(subset_masks, Mapping):
-            raise TypeError("subset_masks must be a mapping name → (B,) bool or a (B, S) bool tensor")
-        unknown = set(subset_masks) - set(self.subsets)
-        if unknown:
-            raise ValueError(f"subset_masks has unknown subsets {sorted(unknown)}; known: {self.subsets}")
-        cols = []
-        for name in self.subsets:
-            if name in subset_masks:
-                m = torch.as_tensor(subset_masks[name], device=device).bool().reshape(-1)
-                if m.shape[0] != bsz:
-                    raise ValueError(f"subset_masks[{name!r}] must have shape ({bsz},), got {tuple(m.shape)}")
-            elif name == "overall":
-                m = torch.ones(bsz, dtype=torch.bool, device=device)
-            else:
-                raise ValueError(f"subset_masks is missing subset {name!r}")
-            cols.append(m)
-        return torch.stack(cols, dim=1)
+        return subset_tensor(subset_masks, self.subsets, bsz, device)
 
     # ------------------------------------------------------------------------------------ update
     def update(
