@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import threading
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -33,3 +34,36 @@ def report(results: dict, out: str | None, title: str) -> None:
 
         atomic_write_json(out, results, sort_keys=False)  # strict JSON: NaN (an empty subset) is null
         print(f"→ {out}")
+
+
+class PeakRSS:
+    """Peak resident set size (MB) of this process while the block runs, sampled every 20 ms from /proc/self/statm;
+    ``peak_anon`` is the peak of the part not backed by files (resident - shared: what no other process can share)."""
+
+    def __enter__(self):
+        self.start, self.start_anon = self._rss()
+        self.peak, self.peak_anon = self.start, self.start_anon
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+        self._thread.start()
+        return self
+
+    def _watch(self):
+        while not self._stop.wait(0.02):
+            self._sample()
+
+    def _sample(self):
+        rss, anon = self._rss()
+        self.peak, self.peak_anon = max(self.peak, rss), max(self.peak_anon, anon)
+
+    @staticmethod
+    def _rss() -> tuple[float, float]:
+        with open("/proc/self/statm") as f:
+            fields = f.read().split()
+        page = os.sysconf("SC_PAGE_SIZE") / 2**20
+        return int(fields[1]) * page, (int(fields[1]) - int(fields[2])) * page
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self._sample()

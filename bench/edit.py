@@ -18,13 +18,12 @@ import argparse
 import dataclasses
 import math
 import sys
-import threading
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench._common import parser, report
+from bench._common import PeakRSS, parser, report
 
 ROWS = ("unedited", "edited", "retrain", "finetune", "upper_bound", "no_position_wise", "random_layer",
         "worst_layer", "no_one_one")
@@ -35,33 +34,6 @@ ABLATIONS = {
     "worst_layer": {"layer_mode": "worst"},
     "no_one_one": {"one_one": False},
 }
-
-
-class PeakRSS:
-    """Peak resident set size (MB) of this process while the block runs, sampled every 20 ms."""
-
-    def __enter__(self):
-        self.peak = self.start = self._rss()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._watch, daemon=True)
-        self._thread.start()
-        return self
-
-    def _watch(self):
-        while not self._stop.wait(0.02):
-            self.peak = max(self.peak, self._rss())
-
-    @staticmethod
-    def _rss() -> float:
-        import os
-
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, self._rss())
 
 
 def main(argv=None) -> dict:

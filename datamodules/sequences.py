@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import math
+import os
+
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+import torch.distributed as dist
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, default_collate
 
 from genrec.data.config import DataConfig
 from genrec.data.pipeline import PreparedDataset, load_or_prepare
@@ -17,24 +21,89 @@ SUBSETS = ("overall", "warm", "cold", "new")
 
 def subset_masks(inst: Instances, train_targets: np.ndarray) -> np.ndarray:
     """(n, 4) bool: overall, warm, cold (target never a training target of this model), new (new in its period)."""
-    cold = ~np.isin(inst.target, train_targets)
-    return np.stack([np.ones(len(inst), bool), ~cold, cold, inst.new_item.astype(bool)], axis=1)
+    out = np.ones((len(inst), 4), dtype=bool)
+    at = 0
+    for part in inst.chunks():  # bounded temporaries over millions of instances
+        rows = slice(at, at + len(part))
+        out[rows, 1] = np.isin(part.target, train_targets)
+        out[rows, 2] = ~out[rows, 1]
+        out[rows, 3] = part.new_item
+        at = rows.stop
+    return out
 
 
 class InstanceDataset(Dataset):
+    """Instances as batches: ``__getitems__`` gathers a whole batch (histories included) in one vectorised step,
+    so a split's histories are never materialised. ``index`` is the position in the split (unique: DDP
+    de-duplication); any sampler works (Lightning's DistributedSampler under DDP)."""
+
     def __init__(self, inst: Instances, masks: np.ndarray):
-        self.history = torch.from_numpy(inst.history.astype(np.int64))
-        self.target = torch.from_numpy(inst.target.astype(np.int64))
-        self.user = torch.from_numpy(inst.user.astype(np.int64))
-        self.index = torch.arange(len(inst))
-        self.subsets = torch.from_numpy(masks)
+        self.inst = Instances(inst.columns, inst.sequences, inst.index, inst.folder)  # without the fields read so far
+        self.subsets = torch.from_numpy(np.ascontiguousarray(masks))
 
     def __len__(self) -> int:
-        return len(self.target)
+        return len(self.inst)
+
+    def __getitems__(self, indices) -> dict[str, torch.Tensor]:
+        idx = np.asarray(indices, dtype=np.int64)
+        part = self.inst.batch(idx)
+        return {"history": torch.from_numpy(part["history"]), "target": torch.from_numpy(part["target"]),
+                "user": torch.from_numpy(part["user"]), "index": torch.from_numpy(idx),
+                "subsets": self.subsets[torch.from_numpy(idx)]}
 
     def __getitem__(self, i):
-        return {"history": self.history[i], "target": self.target[i], "user": self.user[i],
-                "index": self.index[i], "subsets": self.subsets[i]}
+        return {k: v[0] for k, v in self.__getitems__([i]).items()}
+
+
+class InstanceSampler(DistributedSampler):
+    """torch's DistributedSampler (same order, same padding), without its Python list of every index: a tensor
+    permutation, 4 bytes an instance. Being a DistributedSampler, Lightning keeps it instead of injecting one."""
+
+    def __iter__(self):
+        n = len(self.dataset)
+        if self.shuffle:
+            g = torch.Generator()
+            g.manual_seed(self.seed + self.epoch)
+            order = torch.randperm(n, generator=g, dtype=_index_dtype(n))  # the same permutation as int64
+        else:
+            order = torch.arange(n, dtype=_index_dtype(n))
+        if self.drop_last:
+            order = order[: self.total_size]
+        elif self.total_size > n:
+            order = torch.cat([order, order.repeat(math.ceil((self.total_size - n) / n))[: self.total_size - n]])
+        return iter(order[self.rank : self.total_size : self.num_replicas].numpy())
+
+
+class ShuffleSampler(RandomSampler):
+    """torch's RandomSampler (the same order for the same seed), yielding from a tensor permutation instead of its
+    Python list of every index."""
+
+    def __iter__(self):
+        n = len(self.data_source)
+        if self.replacement or self.num_samples % n:
+            yield from super().__iter__()
+            return
+        generator = self.generator
+        if generator is None:
+            generator = torch.Generator()
+            generator.manual_seed(int(torch.empty((), dtype=torch.int64).random_().item()))
+        for _ in range(self.num_samples // n):
+            yield from torch.randperm(n, generator=generator, dtype=_index_dtype(n)).numpy()
+
+
+def _index_dtype(n: int) -> torch.dtype:
+    return torch.int32 if n < 2**31 else torch.int64
+
+
+def _world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size(), dist.get_rank()
+    return 1, 0
+
+
+def collate_batch(batch):
+    """The DataLoader's collate: a batch from ``__getitems__`` is ready; a list of single items is stacked."""
+    return batch if isinstance(batch, dict) else default_collate(batch)
 
 
 class SequenceDataModule(L.LightningDataModule):
@@ -96,15 +165,18 @@ class SequenceDataModule(L.LightningDataModule):
         return self.load().num_items
 
     def split(self, split: int, periods: list[int]) -> Instances:
-        inst = self.load().instances
-        return inst.select((inst.split == split) & np.isin(inst.period, periods))
+        """A selection of the (memory-mapped) instances: only the columns a consumer reads are gathered."""
+        return self.load().instances.where(split=split, period=list(periods))
 
     def train_instances(self) -> Instances:
         return self.split(TRAIN, self.train_periods)
 
     def train_targets(self) -> np.ndarray:
-        """Items the model was trained to predict (the warm set)."""
-        return np.unique(self.split(TRAIN, self.seen_periods).target)
+        """Items the model was trained to predict (the warm set), sorted."""
+        seen = np.zeros(self.num_items, dtype=bool)
+        for part in self.split(TRAIN, self.seen_periods).chunks():
+            seen[part.target] = True
+        return np.flatnonzero(seen)
 
     def tokenizer_periods(self) -> list[int]:
         """Periods whose items a tokenizer fitted for this model may see (train ∪ seen; never the future)."""
@@ -126,13 +198,22 @@ class SequenceDataModule(L.LightningDataModule):
         if len(inst) == 0:
             raise DataError(f"no train instances in periods {self.train_periods}")
         ds = InstanceDataset(inst, subset_masks(inst, self.train_targets()))
-        return DataLoader(ds, batch_size=self.batch_size, shuffle=True, num_workers=self.num_workers, drop_last=False)
+        world, rank = _world()
+        if world > 1:  # the sampler Lightning would inject (its seed too), minus the Python list
+            sampler = InstanceSampler(ds, num_replicas=world, rank=rank, shuffle=True,
+                                      seed=int(os.getenv("PL_GLOBAL_SEED", "0")))
+            return DataLoader(ds, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers,
+                              drop_last=False, collate_fn=collate_batch)
+        return DataLoader(ds, batch_size=self.batch_size, sampler=ShuffleSampler(ds), num_workers=self.num_workers,
+                          drop_last=False, collate_fn=collate_batch)
 
     def val_dataloader(self):
-        return DataLoader(self._eval_dataset(VALID), batch_size=self.eval_batch_size, num_workers=self.num_workers)
+        return DataLoader(self._eval_dataset(VALID), batch_size=self.eval_batch_size, num_workers=self.num_workers,
+                          collate_fn=collate_batch)
 
     def test_dataloader(self):
-        return DataLoader(self._eval_dataset(TEST), batch_size=self.eval_batch_size, num_workers=self.num_workers)
+        return DataLoader(self._eval_dataset(TEST), batch_size=self.eval_batch_size, num_workers=self.num_workers,
+                          collate_fn=collate_batch)
 
     def predict_dataloader(self):
         return self.test_dataloader()

@@ -449,7 +449,7 @@ class ContinualRunner:
             if name == "sid_new" or not mask.any():
                 continue
             rows = np.flatnonzero(mask)[:4096]
-            hist = torch.as_tensor(inst.history[rows], device=module.device)
+            hist = torch.as_tensor(inst.histories(rows), device=module.device)
             target = torch.as_tensor(inst.target[rows], device=module.device)
             user = torch.as_tensor(inst.user[rows], device=module.device)
             out[name.removeprefix("sid_")] = float(module(hist, target, user))

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 from genrec.data.config import DataConfig
-from genrec.errors import ConfigError
 from genrec.data.synthetic import SyntheticConfig
+from genrec.errors import ConfigError
 from genrec.models.sasrec import SASRecConfig
 from genrec.models.tiger import TigerConfig
 from genrec.tokenizers.dact import DACTConfig

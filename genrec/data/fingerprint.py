@@ -17,18 +17,26 @@ import numpy as np
 
 from genrec.errors import CheckpointError, RunMismatchError
 
+_BLOCK = 1 << 22  # elements hashed at a time: a memory-mapped column is never copied whole
+
 
 def _sha(arrays) -> str:
     h = hashlib.sha256()
     for a in arrays:
-        a = np.ascontiguousarray(a)
         h.update(str((a.dtype.str, a.shape)).encode())
-        h.update(a.tobytes())
+        flat = a.reshape(-1) if a.flags.c_contiguous else np.ascontiguousarray(a).reshape(-1)
+        for s in range(0, len(flat), _BLOCK):
+            h.update(np.ascontiguousarray(flat[s:s + _BLOCK]).view(np.uint8))
     return h.hexdigest()
 
 
 def ids_sha256(ids) -> str:
-    return hashlib.sha256("\n".join(map(str, ids)).encode("utf-8")).hexdigest()
+    """sha256 of the ids joined by newlines (hashed in blocks: the same digest without one huge string)."""
+    h = hashlib.sha256()
+    for s in range(0, len(ids), 1 << 16):
+        block = "\n".join(map(str, ids[s:s + (1 << 16)]))
+        h.update(((("\n" if s else "") + block)).encode("utf-8"))
+    return h.hexdigest()
 
 
 def catalogue_fingerprint(item_ids) -> dict:
@@ -83,7 +91,7 @@ def source_fingerprint(cfg) -> dict:
 
 
 # DataConfig fields that do not change the prepared content (labels and encoder settings).
-NON_CONTENT_FIELDS = ("name", "cache_dir", "embedding_model", "embedding_batch_size")
+NON_CONTENT_FIELDS = ("name", "cache_dir", "embedding_model", "embedding_batch_size", "memory_budget_gb")
 
 
 def content_config(cfg) -> dict:

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from genrec.errors import DataError  # also re-exported: the data layer's error
 
@@ -61,12 +64,12 @@ def is_id_value(value) -> bool:
     return isinstance(value, (str, int, np.integer)) and not isinstance(value, (bool, np.bool_))
 
 
-def require_columns(df: pd.DataFrame, required: tuple[str, ...], source: str) -> None:
-    missing = [c for c in required if c not in df.columns]
+def require_columns(df, required: tuple[str, ...], source: str) -> None:
+    """``df``: a DataFrame or the list of column names."""
+    found = list(getattr(df, "columns", df))
+    missing = [c for c in required if c not in found]
     if missing:
-        raise DataError(
-            f"{source}: missing column(s) {missing}; expected columns {list(required)}, found {list(df.columns)}"
-        )
+        raise DataError(f"{source}: missing column(s) {missing}; expected columns {list(required)}, found {found}")
 
 
 def check_unique_columns(names: list, source: str) -> None:
@@ -119,6 +122,76 @@ def check_timestamps(values: pd.Series, where: Origin, column: str = "timestamp"
     if pd.api.types.is_integer_dtype(values):
         return values.to_numpy().astype(np.int64)
     return numeric.astype(np.int64)
+
+
+# ----------------------------------------------------------------------------- arrow fast paths
+# Each takes one arrow column of a chunk and returns the checked values when they are certainly valid under the
+# pandas check above, or None: then the caller runs that check on the chunk, which names the first bad row (or
+# accepts values the fast path is too strict for, e.g. integral float timestamps).
+_PY_WHITESPACE = "".join(c for c in map(chr, range(sys.maxunicode + 1)) if c.isspace())  # what str.strip strips
+_MARKERS = pa.array(MISSING_MARKERS)
+
+
+def _single(col) -> pa.Array:
+    return col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+
+
+def arrow_ids(col) -> pa.Array | None:
+    """Non-empty string (or integer) ids as a string array, as ``check_ids`` would return them."""
+    col = _single(col)
+    if pa.types.is_dictionary(col.type):
+        col = col.dictionary_decode()
+    if pa.types.is_integer(col.type):
+        col = pc.cast(col, pa.string())
+    elif not (pa.types.is_string(col.type) or pa.types.is_large_string(col.type)):
+        return None
+    if col.null_count:
+        return None
+    blank = pc.equal(pc.utf8_length(pc.utf8_trim(col, characters=_PY_WHITESPACE)), 0)
+    if pc.any(blank).as_py() or pc.any(pc.is_in(col, value_set=_MARKERS)).as_py():
+        return None
+    return col
+
+
+def arrow_timestamps(col) -> np.ndarray | None:
+    """Integer unix times in [0, MAX_TIMESTAMP] as int64, from integer or decimal-string cells."""
+    col = _single(col)
+    if not (pa.types.is_integer(col.type) or pa.types.is_string(col.type) or pa.types.is_large_string(col.type)):
+        return None
+    try:
+        col = pc.cast(col, pa.int64())
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        return None
+    if col.null_count:
+        return None
+    values = col.to_numpy()
+    if len(values) and (values.min() < 0 or values.max() > MAX_TIMESTAMP):
+        return None
+    return values
+
+
+def arrow_numbers(col) -> np.ndarray | None:
+    """Numeric cells as float64 (nulls → NaN), like ``pd.to_numeric``; None for text that is not all numbers."""
+    col = _single(col)
+    if not (pa.types.is_integer(col.type) or pa.types.is_floating(col.type) or pa.types.is_string(col.type)
+            or pa.types.is_large_string(col.type)):
+        return None
+    try:
+        col = pc.cast(col, pa.float64())
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        return None
+    return col.to_numpy(zero_copy_only=False)
+
+
+def arrow_labels(col, labels) -> np.ndarray | None:
+    """Index of each cell in ``labels`` (int8) when every cell is one of them."""
+    col = _single(col)
+    if not (pa.types.is_string(col.type) or pa.types.is_large_string(col.type)):
+        return None
+    idx = pc.index_in(col, value_set=pa.array(list(labels)))
+    if idx.null_count:
+        return None
+    return idx.to_numpy().astype(np.int8)
 
 
 @dataclass

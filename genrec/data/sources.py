@@ -13,11 +13,13 @@ import gzip
 import html
 import json
 import re
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from genrec.data.schema import (
@@ -27,6 +29,10 @@ from genrec.data.schema import (
     DataError,
     Origin,
     RawData,
+    arrow_ids,
+    arrow_labels,
+    arrow_numbers,
+    arrow_timestamps,
     check_ids,
     check_timestamps,
     check_unique_columns,
@@ -35,6 +41,7 @@ from genrec.data.schema import (
     require_columns,
     show,
 )
+from genrec.data.stream import Chunk, Stream, StringVocab
 
 _TAG = re.compile(r"<[^>]+>")
 _SPACE = re.compile(r"\s+")
@@ -55,27 +62,121 @@ def clean_text(value) -> str | None:
     return text or None
 
 
-def _read_table(path: Path, required: tuple[str, ...]) -> tuple[pd.DataFrame, Origin]:
-    """CSV or parquet with the required columns, each named once; the Origin numbers rows as the user sees them."""
+CHUNK_ROWS = 1 << 20  # rows per chunk a reader yields (prepare passes one sized from the memory budget)
+
+
+class _Rows:
+    """One chunk of an interaction file: its arrow columns, checked on arrow's fast path, with the pandas checks of
+    ``schema`` as the fallback that names the bad row. ``frame()`` gives the chunk as pandas would have read it
+    (same type inference), built only when a fast path declines."""
+
+    def __init__(self, batch, where: Origin, frame: Callable[[], pd.DataFrame]):
+        self.batch, self.where, self._frame_fn, self._frame = batch, where, frame, None
+        self.names = list(batch.schema.names)
+
+    def __len__(self) -> int:
+        return self.batch.num_rows
+
+    def frame(self) -> pd.DataFrame:
+        if self._frame is None:
+            self._frame = self._frame_fn()
+        return self._frame
+
+    def col(self, name: str):
+        return self.batch.column(self.names.index(name))
+
+    def ids(self, name: str) -> pa.Array:
+        ids = arrow_ids(self.col(name))
+        if ids is None:
+            ids = pa.array(check_ids(self.frame()[name], self.where, name).to_numpy(dtype=object), pa.string())
+        return ids
+
+    def timestamps(self, name: str) -> np.ndarray:
+        ts = arrow_timestamps(self.col(name))
+        return ts if ts is not None else check_timestamps(self.frame()[name], self.where, name)
+
+    def ratings(self, name: str, counts: dict[str, int]) -> np.ndarray:
+        values = arrow_numbers(self.col(name))
+        if values is None:
+            return _ratings(self.frame()[name], counts)
+        values = values.astype(np.float32)
+        counts["ratings_missing_or_not_numeric"] = counts.get("ratings_missing_or_not_numeric", 0) + int(
+            np.isnan(values).sum())
+        return values
+
+    def split_labels(self, name: str) -> np.ndarray:
+        codes = arrow_labels(self.col(name), SPLIT_CODES)
+        if codes is None:
+            labels = self.frame()[name]
+            _check_split_labels(labels, self.where)
+            codes = labels.map(SPLIT_CODES).to_numpy().astype(np.int8)
+        return codes
+
+
+def _table_rows(path: Path, required: tuple[str, ...], rows: int = CHUNK_ROWS) -> Iterator[_Rows]:
+    """CSV or parquet chunk by chunk, with the required columns, each named once; rows numbered as the user sees
+    them (CSV: data row i is file line i + 2, after the header; parquet: row i + 1)."""
     if not path.exists():
         raise DataError(f"{path}: file not found")
     if path.stat().st_size == 0:
         raise DataError(f"{path}: file is empty")
-    try:
-        if path.suffix == ".parquet":
-            check_unique_columns(pq.read_schema(path).names, str(path))
-            df, where = pd.read_parquet(path), Origin(str(path), first=1)
-        else:
-            check_unique_columns(pd.read_csv(path, header=None, nrows=1, dtype=str).iloc[0].tolist(), str(path))
-            # no NA guessing: an id cell reads as written ('' for empty), check_ids decides what is missing
-            df = pd.read_csv(path, dtype={"user_id": str, "item_id": str, "split": str}, keep_default_na=False)
-            where = Origin(str(path), first=2)  # data row i is file line i + 2 (after the header)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, pa.ArrowException) as exc:
-        raise DataError(f"{path}: cannot be read as {path.suffix.lstrip('.') or 'csv'} ({_one_line(exc)})") from None
-    if len(df) == 0:
+    parquet = path.suffix == ".parquet"
+    first, offset = (1 if parquet else 2), 0
+    batches = _open_table(path, parquet, rows)
+    while True:
+        try:
+            batch = next(batches, None)
+        except (pa.ArrowException, OSError) as exc:
+            raise _unreadable(path, parquet, exc) from None
+        if batch is None:
+            break
+        if batch.num_rows == 0:
+            continue
+        if offset == 0:
+            require_columns(batch.schema.names, required, str(path))
+        frame = (lambda b=batch: b.to_pandas()) if parquet else (lambda o=offset, k=batch.num_rows: _csv_frame(
+            path, o, k))
+        yield _Rows(batch, Origin(str(path), first=first + offset), frame)
+        offset += batch.num_rows
+    if offset == 0:
         raise DataError(f"{path}: file has a header but no rows")
-    require_columns(df, required, str(path))
-    return df, where
+
+
+def _open_table(path: Path, parquet: bool, rows: int) -> Iterator:
+    try:
+        if parquet:
+            pf = pq.ParquetFile(path)
+            check_unique_columns(pf.schema_arrow.names, str(path))
+            return pf.iter_batches(batch_size=rows)
+        header = pd.read_csv(path, header=None, nrows=1, dtype=str).iloc[0].tolist()
+        check_unique_columns(header, str(path))
+        # every column as text, '' never null: the same cells pandas sees with keep_default_na=False
+        types = {n if isinstance(n, str) else "": pa.string() for n in header}
+        return pacsv.open_csv(
+            path, read_options=pacsv.ReadOptions(block_size=max(rows * 32, 1 << 16)),
+            parse_options=pacsv.ParseOptions(newlines_in_values=True),  # quoted cells may span lines, as in pandas
+            convert_options=pacsv.ConvertOptions(column_types=types, strings_can_be_null=False,
+                                                 quoted_strings_can_be_null=False))
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, pa.ArrowException) as exc:
+        raise _unreadable(path, parquet, exc) from None
+
+
+def _csv_frame(path: Path, offset: int, nrows: int) -> pd.DataFrame:
+    # no NA guessing: an id cell reads as written ('' for empty), check_ids decides what is missing
+    return pd.read_csv(path, dtype={"user_id": str, "item_id": str, "split": str}, keep_default_na=False,
+                       skiprows=range(1, offset + 1), nrows=nrows)
+
+
+def _unreadable(path: Path, parquet: bool, exc: Exception) -> DataError:
+    """The reading error in pandas' words where pandas fails too (it names the file line)."""
+    if not parquet and isinstance(exc, pa.ArrowException):
+        try:
+            for _ in pd.read_csv(path, dtype=str, keep_default_na=False, chunksize=CHUNK_ROWS):
+                pass
+        except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as pd_exc:
+            exc = pd_exc
+    kind = "parquet" if parquet else (path.suffix.lstrip(".") or "csv")
+    return DataError(f"{path}: cannot be read as {kind} ({_one_line(exc)})")
 
 
 def _one_line(exc: Exception) -> str:
@@ -87,22 +188,37 @@ def _read_json_lines(path: Path, allow_python_literals: bool = False) -> tuple[l
 
     Amazon 2014 meta files hold Python dict literals, hence the fallback.
     """
+    rows, lines = [], []
+    for part, part_lines in _json_line_chunks(path, allow_python_literals):
+        rows += part
+        lines.append(part_lines)
+    return rows, np.concatenate(lines)
+
+
+def _json_line_chunks(path: Path, allow_python_literals: bool = False, rows: int = CHUNK_ROWS
+                      ) -> Iterator[tuple[list[dict], np.ndarray]]:
+    """``_read_json_lines`` in chunks of ``rows`` objects."""
     if not path.exists():
         raise DataError(f"{path}: file not found")
     opener = gzip.open if path.suffix == ".gz" else open
-    rows, lines = [], []
+    part, lines, total = [], [], 0
     try:
         with opener(path, "rt", encoding="utf-8") as fh:
             for lineno, line in enumerate(fh, 1):
                 line = line.strip()
                 if line:
-                    rows.append(_parse_object(line, path, lineno, allow_python_literals))
+                    part.append(_parse_object(line, path, lineno, allow_python_literals))
                     lines.append(lineno)
+                if len(part) >= rows:
+                    total += len(part)
+                    yield part, np.asarray(lines, dtype=np.int64)
+                    part, lines = [], []
     except (UnicodeDecodeError, OSError, EOFError) as exc:  # not UTF-8, or a truncated / non-gzip .gz
         raise DataError(f"{path}: cannot be read as UTF-8 JSON lines ({_one_line(exc)})") from None
-    if not rows:
-        raise DataError(f"{path}: file is empty")
-    return rows, np.asarray(lines, dtype=np.int64)
+    if part or not total:
+        if not part:
+            raise DataError(f"{path}: file is empty")
+        yield part, np.asarray(lines, dtype=np.int64)
 
 
 def _parse_object(line: str, path: Path, lineno: int, allow_python_literals: bool) -> dict:
@@ -180,40 +296,49 @@ def _ratings(values: pd.Series, counts: dict[str, int]) -> np.ndarray:
     return numeric.to_numpy()
 
 
-def _interactions(df: pd.DataFrame, cols: tuple[str, str, str], where: Origin) -> pd.DataFrame:
-    """user_id, item_id (checked strings) and timestamp (checked int64) from the source's column names."""
+def _encode(rows: _Rows, cols: tuple[str, str, str], stream: Stream) -> Chunk:
+    """user, item codes and timestamps (checked) from the source's column names."""
     user, item, time = cols
-    return pd.DataFrame(
-        {
-            "user_id": check_ids(df[user], where, user).to_numpy(),
-            "item_id": check_ids(df[item], where, item).to_numpy(),
-            "timestamp": check_timestamps(df[time], where, time),
-        }
-    )
+    u, i = rows.ids(user), rows.ids(item)
+    return Chunk(stream.users.encode(u), stream.item_vocab.encode(i), rows.timestamps(time))
+
+
+def _new_stream(source: str, items: Callable[[], pd.DataFrame]) -> Stream:
+    return Stream(iter(()), items, source, StringVocab(), StringVocab())
 
 
 # ----------------------------------------------------------------------------- local canonical files
-def load_local(root: str | Path, use_splits: bool = False) -> RawData:
-    """Canonical layout (see ../shared/data/README.md); ``use_splits`` reads ``splits.csv`` with its labels."""
+def stream_local(root: str | Path, use_splits: bool = False, rows: int = CHUNK_ROWS) -> Stream:
+    """Canonical layout (see ../shared/data/README.md) chunk by chunk; ``use_splits`` reads ``splits.csv``."""
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"{root}: data folder not found (expected interactions.csv|parquet and items.jsonl)")
-    if use_splits:
-        path = root / "splits.csv"
-        df, where = _read_table(path, ("user_id", "item_id", "timestamp", "split"))
-        _check_split_labels(df["split"], where)
-    else:
-        path = _interactions_path(root)
-        df, where = _read_table(path, ("user_id", "item_id", "timestamp"))
-    inter, counts = _interactions(df, ("user_id", "item_id", "timestamp"), where), {}
-    if use_splits:
-        inter["split"] = df["split"].to_numpy()
-    if "rating" in df:  # optional; other extra columns are not used
-        inter["rating"] = _ratings(df["rating"], counts)
+    path = root / "splits.csv" if use_splits else _interactions_path(root)
+    required = ("user_id", "item_id", "timestamp") + (("split",) if use_splits else ())
     items_path = root / "items.jsonl"
-    rows, lines = _read_json_lines(items_path)
-    items = _items_frame(rows, "item_id", {}, Origin(str(items_path), lines=lines), unique=True)
-    return RawData(inter, items, str(root), counts)
+
+    def items() -> pd.DataFrame:
+        found, lines = _read_json_lines(items_path)
+        return _items_frame(found, "item_id", {}, Origin(str(items_path), lines=lines), unique=True)
+
+    stream = _new_stream(str(root), items)
+
+    def chunks():
+        for part in _table_rows(path, required, rows):
+            split = part.split_labels("split") if use_splits else None
+            chunk = _encode(part, ("user_id", "item_id", "timestamp"), stream)
+            chunk.split = split
+            if "rating" in part.names:  # optional; other extra columns are not used
+                chunk.rating = part.ratings("rating", stream.counts)
+            yield chunk
+
+    stream.chunks = chunks()
+    return stream
+
+
+def load_local(root: str | Path, use_splits: bool = False) -> RawData:
+    """``stream_local`` as one frame."""
+    return stream_local(root, use_splits).to_raw()
 
 
 def _interactions_path(root: Path) -> Path:
@@ -236,48 +361,98 @@ def _check_split_labels(labels: pd.Series, where: Origin) -> None:
 
 
 # ----------------------------------------------------------------------------- Amazon 2014 / 2018
-def load_amazon_legacy(reviews_path: str | Path, meta_path: str | Path) -> RawData:
+LEGACY_COLUMNS = ("reviewerID", "asin", "unixReviewTime")
+
+
+def stream_amazon_legacy(reviews_path: str | Path, meta_path: str | Path, rows: int = CHUNK_ROWS) -> Stream:
     """Amazon Reviews 2014 / 2018: reviews (reviewerID, asin, unixReviewTime, overall) + meta (asin, title, ...)."""
     reviews_path, meta_path = Path(reviews_path), Path(meta_path)
-    rows, lines = _read_json_lines(reviews_path)
-    df = pd.DataFrame(rows)
-    require_columns(df, ("reviewerID", "asin", "unixReviewTime"), str(reviews_path))
-    out = _interactions(df, ("reviewerID", "asin", "unixReviewTime"), Origin(str(reviews_path), lines=lines))
-    counts: dict[str, int] = {}
-    if "overall" in df:
-        out["rating"] = _ratings(df["overall"], counts)
-    meta_rows, meta_lines = _read_json_lines(meta_path, allow_python_literals=True)
-    # 2014 meta: categories is a list of lists; 2018 meta: 'category' list and 'description' list.
-    for r in meta_rows:
-        if "categories" not in r and "category" in r:
-            r["categories"] = r["category"]
-    # the 2018 meta files repeat some asins: kept here, dropped (and counted) by preprocessing
-    items = _items_frame(meta_rows, "asin", {}, Origin(str(meta_path), lines=meta_lines))
-    return RawData(out, items, f"{reviews_path} + {meta_path}", counts)
+
+    def items() -> pd.DataFrame:
+        meta_rows, meta_lines = _read_json_lines(meta_path, allow_python_literals=True)
+        # 2014 meta: categories is a list of lists; 2018 meta: 'category' list and 'description' list.
+        for r in meta_rows:
+            if "categories" not in r and "category" in r:
+                r["categories"] = r["category"]
+        # the 2018 meta files repeat some asins: kept here, dropped (and counted) by preprocessing
+        return _items_frame(meta_rows, "asin", {}, Origin(str(meta_path), lines=meta_lines))
+
+    stream = _new_stream(f"{reviews_path} + {meta_path}", items)
+
+    def chunks():
+        parts = _json_line_chunks(reviews_path, rows=rows)
+        keys: dict = {}  # every key seen so far, in order: the columns one frame of the whole file would have
+        rated, unrated = False, 0  # a rating column exists once a line has 'overall'; earlier rows then miss it
+        for found, lines in parts:
+            df = pd.DataFrame(found)
+            keys.update(dict.fromkeys(df.columns))
+            for c in LEGACY_COLUMNS:
+                if c not in df:
+                    _require_later(c, keys, parts, reviews_path)
+                    df[c] = None  # the key comes later in the file: these rows miss it (named by check_ids)
+            where = Origin(str(reviews_path), lines=lines)
+            user, item = (pa.array(check_ids(df[c], where, c).to_numpy(dtype=object), pa.string())
+                          for c in LEGACY_COLUMNS[:2])
+            chunk = Chunk(stream.users.encode(user), stream.item_vocab.encode(item),
+                          check_timestamps(df[LEGACY_COLUMNS[2]], where, LEGACY_COLUMNS[2]))
+            if "overall" in df:
+                chunk.rating = _ratings(df["overall"], stream.counts)
+                stream.counts["ratings_missing_or_not_numeric"] += 0 if rated else unrated
+                rated = True
+            elif rated:
+                stream.counts["ratings_missing_or_not_numeric"] += len(df)
+            else:
+                unrated += len(df)
+            yield chunk
+
+    stream.chunks = chunks()
+    return stream
+
+
+def _require_later(column: str, keys: dict, parts: Iterator, path: Path) -> None:
+    """A required key absent from a chunk: an error naming the missing column unless a later line has it."""
+    if column in keys:
+        return
+    for found, _ in parts:
+        for row in found:
+            keys.update(dict.fromkeys(row))
+        if column in keys:
+            return
+    require_columns(list(keys), LEGACY_COLUMNS, str(path))
+
+
+def load_amazon_legacy(reviews_path: str | Path, meta_path: str | Path) -> RawData:
+    return stream_amazon_legacy(reviews_path, meta_path).to_raw()
 
 
 # ----------------------------------------------------------------------------- Amazon 2023 (hub)
 AMAZON_2023_HUB = "hf://datasets/McAuley-Lab/Amazon-Reviews-2023"
 
 
-def _hf_files(kind: str, files: dict[str, str], cache_dir: str | None) -> dict[str, pd.DataFrame]:
+def _hf_datasets(kind: str, files: dict[str, str], cache_dir: str | None):
+    """The files as ``datasets`` splits (Arrow, memory-mapped from the cache: read in chunks without a copy)."""
     import datasets
 
     try:
-        ds = datasets.load_dataset(kind, data_files=files, cache_dir=cache_dir)
+        return datasets.load_dataset(kind, data_files=files, cache_dir=cache_dir)
     except FileNotFoundError as exc:
         raise DataError(f"Amazon 2023 files not found: {files} ({exc})") from None
+
+
+def _hf_files(kind: str, files: dict[str, str], cache_dir: str | None) -> dict[str, pd.DataFrame]:
+    ds = _hf_datasets(kind, files, cache_dir)
     return {split: ds[split].to_pandas() for split in files}
 
 
-def load_amazon_2023(
+def stream_amazon_2023(
     category: str,
     root: str = AMAZON_2023_HUB,
     official_split: bool = True,
     kcore: str = "5core",
     cache_dir: str | None = None,
-) -> RawData:
-    """Amazon Reviews 2023 for one category.
+    rows: int = CHUNK_ROWS,
+) -> Stream:
+    """Amazon Reviews 2023 for one category, chunk by chunk.
 
     ``official_split``: the benchmark's absolute-timestamp split CSVs
     (``benchmark/<kcore>/timestamp_w_his/<category>.{train,valid,test}.csv``: user_id, parent_asin, rating, timestamp
@@ -286,38 +461,50 @@ def load_amazon_2023(
     Item text always comes from ``raw/meta_categories/meta_<category>.jsonl``.
     """
     root = root.rstrip("/")
-    counts: dict[str, int] = {}
     if official_split:
         base = f"{root}/benchmark/{kcore}/timestamp_w_his/{category}"
-        frames = _hf_files("csv", {s: f"{base}.{s}.csv" for s in ("train", "valid", "test")}, cache_dir)
-        parts = []
-        for split, df in frames.items():
-            where = Origin(f"{base}.{split}.csv", first=2)
-            part = _hub_interactions(df, where, counts)
-            part["split"] = split
-            parts.append(part)
-        inter = pd.concat(parts, ignore_index=True)
+        files = {s: (f"{base}.{s}.csv", 2) for s in ("train", "valid", "test")}
+        kind = "csv"
     else:
-        path = f"{root}/raw/review_categories/{category}.jsonl"
-        df = _hf_files("json", {"full": path}, cache_dir)["full"]
-        inter = _hub_interactions(df, Origin(path, first=1), counts)
+        files = {"full": (f"{root}/raw/review_categories/{category}.jsonl", 1)}
+        kind = "json"
+    ds = _hf_datasets(kind, {s: f for s, (f, _) in files.items()}, cache_dir)
     meta_path = f"{root}/raw/meta_categories/meta_{category}.jsonl"
-    meta = _hf_files("json", {"full": meta_path}, cache_dir)["full"]
-    require_columns(meta, ("parent_asin",), meta_path)
-    if "store" in meta and "brand" not in meta:
-        meta["brand"] = meta["store"]
-    if "features" in meta:  # the GenRecEdit text uses title, features, categories, description
-        descriptions = meta["description"] if "description" in meta else [None] * len(meta)
-        meta["description"] = [clean_text([clean_text(f), clean_text(d)]) for f, d in zip(meta["features"], descriptions)]
-    items = _items_frame(meta.to_dict("records"), "parent_asin", {}, Origin(meta_path, first=1))
-    inter = inter.sort_values("timestamp", kind="stable").reset_index(drop=True)
-    return RawData(inter, items, f"{root} ({category})", counts)
+
+    def items() -> pd.DataFrame:
+        meta = _hf_files("json", {"full": meta_path}, cache_dir)["full"]
+        require_columns(meta, ("parent_asin",), meta_path)
+        if "store" in meta and "brand" not in meta:
+            meta["brand"] = meta["store"]
+        if "features" in meta:  # the GenRecEdit text uses title, features, categories, description
+            descriptions = meta["description"] if "description" in meta else [None] * len(meta)
+            meta["description"] = [clean_text([clean_text(f), clean_text(d)])
+                                   for f, d in zip(meta["features"], descriptions)]
+        return _items_frame(meta.to_dict("records"), "parent_asin", {}, Origin(meta_path, first=1))
+
+    stream = _new_stream(f"{root} ({category})", items)
+
+    def chunks():
+        for split, (path, first) in files.items():
+            data = ds[split]
+            require_columns(data.column_names, ("user_id", "parent_asin", "timestamp"), path)
+            offset, frames = 0, data.with_format("pandas")  # pandas as `datasets` decodes it (e.g. Json cells)
+            for batch in data.with_format("arrow").iter(batch_size=rows):
+                part = _Rows(batch, Origin(path, first=first + offset),
+                             lambda o=offset, k=batch.num_rows, f=frames: f[o:o + k].reset_index(drop=True))
+                chunk = _encode(part, ("user_id", "parent_asin", "timestamp"), stream)
+                if "rating" in part.names:
+                    chunk.rating = part.ratings("rating", stream.counts)
+                if official_split:
+                    chunk.split = np.full(len(part), SPLIT_CODES[split], dtype=np.int8)
+                offset += len(part)
+                yield chunk
+
+    stream.chunks = chunks()
+    return stream
 
 
-def _hub_interactions(df: pd.DataFrame, where: Origin, counts: dict[str, int]) -> pd.DataFrame:
-    """user_id, parent_asin, timestamp [ms], optional rating of one Amazon 2023 file."""
-    require_columns(df, ("user_id", "parent_asin", "timestamp"), where.source)
-    out = _interactions(df, ("user_id", "parent_asin", "timestamp"), where)
-    if "rating" in df:
-        out["rating"] = _ratings(df["rating"], counts)
-    return out
+def load_amazon_2023(category: str, root: str = AMAZON_2023_HUB, official_split: bool = True, kcore: str = "5core",
+                     cache_dir: str | None = None) -> RawData:
+    """``stream_amazon_2023`` as one time-sorted frame."""
+    return stream_amazon_2023(category, root, official_split, kcore, cache_dir).to_raw(sort=True)

@@ -9,12 +9,14 @@ novelty boost so they do get interactions), and from ``drift_start`` on the cate
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 
 from genrec.data.schema import DataError, RawData
+from genrec.data.stream import Chunk, FormatVocab, Stream
 from genrec.errors import ConfigError
 
 _CATEGORY_WORDS = [
@@ -77,6 +79,34 @@ def check_number(name: str, value, low: float, high: float) -> None:
 
 
 def generate_synthetic(cfg: SyntheticConfig) -> RawData:
+    """The catalogue as one frame of string ids, sorted by time (stable): small data and tests."""
+    items, chunks = synthetic_chunks(cfg)
+    parts = list(chunks)
+    users, item_seq, times = (np.concatenate([p[k] for p in parts]) for k in range(3))
+    inter = pd.DataFrame(
+        {
+            "user_id": np.char.add("U", np.char.zfill(users.astype(str), 7)),
+            "item_id": np.char.add("S", np.char.zfill(item_seq.astype(str), 7)),
+            "timestamp": np.asarray(times, dtype=np.int64),
+        }
+    )
+    inter = inter.sort_values("timestamp", kind="stable").reset_index(drop=True)
+    return RawData(inter, items, f"synthetic(seed={cfg.seed})")
+
+
+def synthetic_stream(cfg: SyntheticConfig) -> Stream:
+    """The catalogue as a stream of integer-id chunks in generation order (ids formatted only when needed):
+    100M interactions without a Python string per row. Same interactions as ``generate_synthetic``."""
+    items, chunks = synthetic_chunks(cfg)
+    stream = Stream(iter(()), lambda: items, f"synthetic(seed={cfg.seed})", FormatVocab("U", 7, cfg.num_users),
+                    FormatVocab("S", 7, cfg.num_items))
+    stream.chunks = (Chunk(u, i, t) for u, i, t in chunks)
+    return stream
+
+
+def synthetic_chunks(cfg: SyntheticConfig) -> tuple[pd.DataFrame, Iterator[tuple[np.ndarray, ...]]]:
+    """(items frame, generator of (user, item, timestamp) int64 chunks in generation order). The item table is
+    drawn first, then the walks, from one generator: the same draws in the same order for any consumer."""
     rng = np.random.default_rng(cfg.seed)
     n_cat = min(cfg.num_categories, len(_CATEGORY_WORDS))
     T = cfg.num_time_steps
@@ -101,6 +131,12 @@ def generate_synthetic(cfg: SyntheticConfig) -> RawData:
             }
         )
     items = pd.DataFrame(rows)
+    return items, _walks(cfg, rng, n_cat, cat, launch, popularity)
+
+
+def _walks(cfg: SyntheticConfig, rng: np.random.Generator, n_cat: int, cat: np.ndarray, launch: np.ndarray,
+           popularity: np.ndarray) -> Iterator[tuple[np.ndarray, ...]]:
+    T = cfg.num_time_steps
     # ---- category dynamics: a sparse Markov chain before and after the drift point
     def chain(seed_offset: int) -> np.ndarray:
         r = np.random.default_rng(cfg.seed + seed_offset)
@@ -123,13 +159,16 @@ def generate_synthetic(cfg: SyntheticConfig) -> RawData:
     span = rng.integers(T // 20, T // 2, cfg.num_users)
     cur_cat = rng.integers(0, n_cat, cfg.num_users)
     t = starts.astype(np.float64)
-    out_u, out_i, out_t = [], [], []
+    produced = 0
     for step in range(int(lengths.max())):
         active = step < lengths
         t = np.minimum(t + rng.random(cfg.num_users) * span / lengths, T - 1)
         if step > 0:
-            trans = np.where((t >= cfg.drift_start * T)[:, None], after[cur_cat], before[cur_cat])
-            cur_cat = np.minimum((rng.random(cfg.num_users)[:, None] > np.cumsum(trans, 1)).sum(1), n_cat - 1)
+            draw, late = rng.random(cfg.num_users), t >= cfg.drift_start * T
+            for a in range(0, cfg.num_users, 1 << 16):  # blocks of users: (users, categories) floats stay small
+                b = slice(a, a + (1 << 16))
+                trans = np.where(late[b, None], after[cur_cat[b]], before[cur_cat[b]])
+                cur_cat[b] = np.minimum((draw[b, None] > np.cumsum(trans, 1)).sum(1), n_cat - 1)
         for c in range(n_cat):
             who = np.flatnonzero(active & (cur_cat == c))
             if len(who) == 0:
@@ -145,18 +184,8 @@ def generate_synthetic(cfg: SyntheticConfig) -> RawData:
             ok = hi > lo
             u = cw[lo] + rng.random(len(who)) * (cw[hi] - cw[lo])
             idx = np.clip(np.searchsorted(cw, u, side="right") - 1, lo, np.maximum(hi - 1, lo))
-            out_u.append(who[ok])
-            out_i.append(members[np.minimum(idx[ok], len(members) - 1)])
-            out_t.append(t[who][ok].astype(np.int64))
-    users, item_seq, times = np.concatenate(out_u), np.concatenate(out_i), np.concatenate(out_t)
-    if len(users) == 0:  # tiny catalogues whose items all launch after every user is done
+            produced += int(ok.sum())
+            yield (who[ok].astype(np.int64), members[np.minimum(idx[ok], len(members) - 1)].astype(np.int64),
+                   t[who][ok].astype(np.int64))
+    if produced == 0:  # tiny catalogues whose items all launch after every user is done
         raise DataError(f"synthetic data with {cfg} has no interactions; use more users or items")
-    inter = pd.DataFrame(
-        {
-            "user_id": np.char.add("U", np.char.zfill(users.astype(str), 7)),
-            "item_id": np.char.add("S", np.char.zfill(item_seq.astype(str), 7)),
-            "timestamp": np.asarray(times, dtype=np.int64),
-        }
-    )
-    inter = inter.sort_values("timestamp", kind="stable").reset_index(drop=True)
-    return RawData(inter, items, f"synthetic(seed={cfg.seed})")
