@@ -101,6 +101,10 @@ def _world() -> tuple[int, int]:
     return 1, 0
 
 
+def _positions(inst: Instances) -> np.ndarray:
+    return np.arange(len(inst)) if inst.index is None else np.asarray(inst.index, dtype=np.int64)
+
+
 def collate_batch(batch):
     """The DataLoader's collate: a batch from ``__getitems__`` is ready; a list of single items is stacked."""
     return batch if isinstance(batch, dict) else default_collate(batch)
@@ -145,6 +149,7 @@ class SequenceDataModule(L.LightningDataModule):
         self.batch_size, self.eval_batch_size, self.num_workers = batch_size, eval_batch_size, num_workers
         self.dataset: PreparedDataset | None = None
         self.subset_names = SUBSETS
+        self.replay: Instances | None = None  # extra training rows (e.g. earlier rows of items whose SID changed)
 
     # the dataset is needed at model construction time (catalogue size, SIDs), so it is loadable eagerly
     def load(self) -> PreparedDataset:
@@ -169,7 +174,12 @@ class SequenceDataModule(L.LightningDataModule):
         return self.load().instances.where(split=split, period=list(periods))
 
     def train_instances(self) -> Instances:
-        return self.split(TRAIN, self.train_periods)
+        """The train instances of ``train_periods``, plus ``replay`` rows when set (in time order, each once)."""
+        inst = self.split(TRAIN, self.train_periods)
+        if self.replay is None or len(self.replay) == 0:
+            return inst
+        rows = np.union1d(_positions(inst), _positions(self.replay))
+        return Instances(inst.columns, inst.sequences, rows.astype(np.int64), inst.folder)
 
     def train_targets(self) -> np.ndarray:
         """Items the model was trained to predict (the warm set), sorted."""

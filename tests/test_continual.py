@@ -209,3 +209,29 @@ def test_continual_analyze_adds_memgen_keys_and_tables(tmp_path):
         assert (tmp_path / "run" / f"period_{t}" / "analysis" / "labels.csv").exists()
     with pytest.raises(ConfigError, match="use_cf"):
         ContinualConfig(method="frozen", analyze=True, use_cf=False)
+
+
+def test_replay_adds_the_earlier_rows_of_items_whose_sid_changed(tmp_path):
+    from datamodules.sequences import SequenceDataModule
+    from genrec.data.pipeline import PreparedDataset
+    from genrec.data.splits import TRAIN
+    from genrec.tokenizers.sid import SemanticIdTable
+
+    data, cfg = tiny(tmp_path / "run", method="ft_both", last_period=1)  # fine-tuned tokenizer: codes move
+    cfg.logger = "none"
+    cfg.finetune_tokenizer_stage = StageConfig(epochs=3, lr=3e-2, batch_size=64)
+    res = ContinualRunner(data, cfg).run()
+    old = SemanticIdTable.load(tmp_path / "run" / "period_0" / "sid_table.parquet")
+    new = SemanticIdTable.load(tmp_path / "run" / "period_1" / "sid_table.parquet")
+    ds = PreparedDataset.load(tmp_path / "run" / "prepared")
+    earlier = ds.instances.where(split=TRAIN, period=[0])
+    both = earlier.target[np.isin(earlier.target, new.items)]
+    changed = (old.full_codes()[old.rows_of(both)] != new.full_codes()[new.rows_of(both)]).any(1)
+    assert res[1]["recommender/replay_rows"] == changed.sum() > 0
+    # the datamodule trains on the period's rows plus the replayed ones, each once, in time order
+    dm = SequenceDataModule(data, train_periods=[1], eval_period=1)
+    dm.dataset = ds
+    plain = len(dm.train_instances())
+    dm.replay = earlier.select(np.isin(earlier.target, both[changed]))
+    inst = dm.train_instances()
+    assert len(inst) == plain + len(dm.replay) and np.all(np.diff(inst.index) > 0)
