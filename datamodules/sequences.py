@@ -19,6 +19,12 @@ from genrec.errors import ConfigError, DataError
 SUBSETS = ("overall", "warm", "cold", "new")
 
 
+def memgen_label_names() -> tuple[str, ...]:
+    from genrec.analysis import LABELS
+
+    return tuple(LABELS)
+
+
 def subset_masks(inst: Instances, train_targets: np.ndarray) -> np.ndarray:
     """(n, 4) bool: overall, warm, cold (target never a training target of this model), new (new in its period)."""
     out = np.ones((len(inst), 4), dtype=bool)
@@ -125,6 +131,9 @@ class SequenceDataModule(L.LightningDataModule):
         batch_size: Training batch size.
         eval_batch_size: Validation/test batch size.
         num_workers: DataLoader workers.
+        memgen_subsets: Also evaluate on the MemGen labels (memorization, generalization, the logic-with-hop labels,
+            uncategorized; ``genrec.analysis``) of each case against the relations of the ``seen_periods``' training
+            instances: every model then logs ``test/ndcg@10/memorization`` … with counts.
     """
 
     def __init__(
@@ -138,6 +147,7 @@ class SequenceDataModule(L.LightningDataModule):
         batch_size: int = 256,
         eval_batch_size: int = 256,
         num_workers: int = 0,
+        memgen_subsets: bool = False,
     ):
         super().__init__()
         self.data = data or DataConfig()
@@ -148,7 +158,9 @@ class SequenceDataModule(L.LightningDataModule):
         self.seen_periods = list(seen_periods) if seen_periods is not None else self.train_periods
         self.batch_size, self.eval_batch_size, self.num_workers = batch_size, eval_batch_size, num_workers
         self.dataset: PreparedDataset | None = None
-        self.subset_names = SUBSETS
+        self.memgen_subsets = memgen_subsets
+        self.subset_names = SUBSETS + (memgen_label_names() if memgen_subsets else ())
+        self._relations = None
         self.replay: Instances | None = None  # extra training rows (e.g. earlier rows of items whose SID changed)
 
     # the dataset is needed at model construction time (catalogue size, SIDs), so it is loadable eagerly
@@ -201,13 +213,27 @@ class SequenceDataModule(L.LightningDataModule):
 
     def _eval_dataset(self, split: int) -> InstanceDataset:
         inst = self.eval_instances(split)
-        return InstanceDataset(inst, subset_masks(inst, self.train_targets()))
+        return InstanceDataset(inst, self.eval_masks(inst))
+
+    def eval_masks(self, inst: Instances) -> np.ndarray:
+        """(n, len(subset_names)) bool: overall / warm / cold / new, then the MemGen labels when enabled."""
+        masks = subset_masks(inst, self.train_targets())
+        if not self.memgen_subsets:
+            return masks
+        from genrec.analysis import ItemRelations, label_instances
+
+        if self._relations is None:  # the relations of what this model was trained on
+            train = self.split(TRAIN, self.seen_periods)
+            self._relations = ItemRelations.from_chunks(train.iter_histories(), self.num_items)
+        return np.concatenate([masks, label_instances(self._relations, inst.history, inst.target)], axis=1)
 
     def train_dataloader(self):
         inst = self.train_instances()
         if len(inst) == 0:
             raise DataError(f"no train instances in periods {self.train_periods}")
-        ds = InstanceDataset(inst, subset_masks(inst, self.train_targets()))
+        masks = subset_masks(inst, self.train_targets())  # training reads no subsets: label columns stay False
+        masks = np.pad(masks, ((0, 0), (0, len(self.subset_names) - masks.shape[1])))
+        ds = InstanceDataset(inst, masks)
         world, rank = _world()
         if world > 1:  # the sampler Lightning would inject (its seed too), minus the Python list
             sampler = InstanceSampler(ds, num_replicas=world, rank=rank, shuffle=True,

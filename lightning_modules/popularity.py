@@ -31,7 +31,7 @@ def evaluate_popularity(dm, ks: tuple[int, ...] = (5, 10, 20), splits: tuple[str
     rec = popularity_recommender(dm)
     out: dict[str, float] = {}
     for split in splits:
-        metrics = item_metrics(tuple(ks), dm.num_items)
+        metrics = item_metrics(tuple(ks), dm.num_items, getattr(dm, "subset_names", ("overall", "warm", "cold", "new")))
         for batch in getattr(dm, _LOADERS[split])():
             items = rec.top_k(max(ks), len(batch["target"]))
             update_item_metrics(metrics, items, batch["target"], batch["subsets"], batch["index"])

@@ -28,10 +28,10 @@ _TOKEN_BASE = (1 << 16) - 1  # RankingMetrics packs tokens into 16 bits and rese
 _SID_ONLY = ("_p", "ndcg_first", "invalid_rate")
 
 
-def item_metrics(ks: tuple[int, ...], num_items: int) -> RankingMetrics:
+def item_metrics(ks: tuple[int, ...], num_items: int, subsets=("overall", "warm", "cold", "new")) -> RankingMetrics:
     """``RankingMetrics`` for an item-only ranker: every item is a 1-token "SID" (2 tokens past 65,534 items)."""
     width = 1 if num_items < _TOKEN_BASE else 2
-    return RankingMetrics(ks=tuple(ks), sid_length=width, prefix_len=width)
+    return RankingMetrics(ks=tuple(ks), sid_length=width, prefix_len=width, subsets=tuple(subsets))
 
 
 def item_tokens(items: torch.Tensor, width: int) -> torch.Tensor:
@@ -112,9 +112,9 @@ class SASRecModule(CatalogueBound, L.LightningModule):
         if self.model is not None:
             self._build_metrics()
 
-    def _build_metrics(self) -> None:
-        self.val_metrics = item_metrics(self.ks, self.cfg.num_items)
-        self.test_metrics = item_metrics(self.ks, self.cfg.num_items)
+    def _build_metrics(self, subsets=("overall", "warm", "cold", "new")) -> None:
+        self.val_metrics = item_metrics(self.ks, self.cfg.num_items, subsets)
+        self.test_metrics = item_metrics(self.ks, self.cfg.num_items, subsets)
 
     # ------------------------------------------------------------------ setup
     def setup(self, stage: str) -> None:
@@ -132,6 +132,9 @@ class SASRecModule(CatalogueBound, L.LightningModule):
                                   f"{self.cfg.num_items}: use the data it was trained on")
         if dm is not None and hasattr(dm, "load"):
             self.bind_catalogue(dm.load())
+        subsets = tuple(getattr(dm, "subset_names", self.test_metrics.subsets))
+        if list(subsets) != list(self.test_metrics.subsets):  # the datamodule defines the evaluation subsets
+            self._build_metrics(subsets)
         n = self.cfg.num_items
         if dm is not None and hasattr(dm, "catalogue"):
             self.eval_item_mask = self._mask(dm.catalogue(), n)

@@ -140,6 +140,11 @@ class TigerModule(ArenaMixin, CatalogueBound, L.LightningModule):
 
     def setup(self, stage: str) -> None:
         dm, catalogue, num_items = self._catalogue_of_datamodule()
+        subsets = list(getattr(dm, "subset_names", self.test_metrics.subsets))
+        if subsets != list(self.test_metrics.subsets):  # the datamodule defines the evaluation subsets
+            sid_length = self.hparams.num_levels + 1
+            self.val_metrics = RankingMetrics(ks=self.ks, sid_length=sid_length, subsets=subsets).to(self.device)
+            self.test_metrics = RankingMetrics(ks=self.ks, sid_length=sid_length, subsets=subsets).to(self.device)
         if self.sid_table is None and getattr(self.trainer, "ckpt_path", None):
             return  # the checkpoint about to be restored carries the SID table (on_load_checkpoint)
         if dm is not None and hasattr(dm, "load"):

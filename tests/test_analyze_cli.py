@@ -53,3 +53,39 @@ def test_analyze_writes_labels_tokens_and_ensemble(tiny_ckpt, sasrec_ckpt, tmp_p
     # a second run into the same folder needs --overwrite
     assert main(["analyze", "--tiger_ckpt", str(tiger), "--sasrec_ckpt", str(sasrec_ckpt), "--output_dir", str(out),
                  *args]) == 1
+
+
+def test_memgen_labels_are_evaluation_subsets_of_every_model(tiny_ckpt, sasrec_ckpt, tmp_path):
+    import numpy as np
+
+    from datamodules.sequences import SequenceDataModule
+    from genrec.analysis import LABELS, ItemRelations, label_instances
+    from genrec.data.config import DataConfig
+    from genrec.data.splits import TEST, TRAIN
+    from genrec.data.synthetic import SyntheticConfig
+    from lightning_modules.popularity import evaluate_popularity
+    from lightning_modules.sasrec import SASRecModule
+    from lightning_modules.tiger import TigerModule
+
+    root, tiger_path, _ = tiny_ckpt
+    data = DataConfig(synthetic=SyntheticConfig(num_users=120, num_items=70), period_fractions=[0.6, 0.2, 0.2],
+                      cache_dir=str(root / "cache"))
+    dm = SequenceDataModule(data, train_periods=[0], eval_period=1, memgen_subsets=True)
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, default_root_dir=str(tmp_path))
+    tiger = TigerModule.load_from_checkpoint(tiger_path, weights_only=True)
+    res = trainer.test(tiger, datamodule=dm, verbose=False)[0]
+    sas = trainer.test(SASRecModule.load_from_checkpoint(sasrec_ckpt, weights_only=True), datamodule=dm,
+                       verbose=False)[0]
+    pop = evaluate_popularity(dm, ks=(5, 10))
+    # the subset counts are exactly the labeller's on the same cases
+    test = dm.eval_instances(TEST)
+    train = dm.split(TRAIN, [0])
+    labels = label_instances(ItemRelations.from_instances(train.history, train.target, dm.num_items),
+                             test.history, test.target)
+    for j, name in enumerate(LABELS):
+        assert res[f"test/count/{name}"] == labels[:, j].sum()
+        assert pop[f"popularity/test/count/{name}"] == labels[:, j].sum()
+    for key in ("test/ndcg@5/memorization", "test/ndcg@5/generalization", "test/recall@5/uncategorized"):
+        assert key in res and key in sas
+    assert np.isclose(res["test/count/memorization"] + res["test/count/generalization"]
+                      + res["test/count/uncategorized"], res["test/count/overall"])
