@@ -27,6 +27,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "continual": ("runners.continual:main", "the continual-period loop (DACT, fine-tuning, GenRecEdit)"),
     "edit": ("runners.edit:main", "inject cold-start items into a TIGER checkpoint (GenRecEdit)"),
     "analyze": ("runners.analyze:main", "MemGen memorization/generalization analysis and the TIGER+SASRec ensemble"),
+    "report": ("runners.report:main", "report.html with figures of a continual run, a folder of runs or an edit"),
     "demo": ("runners.demo:main", "the main job end to end on the synthetic catalogue (offline, CPU)"),
 }
 LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")

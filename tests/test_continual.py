@@ -235,3 +235,24 @@ def test_replay_adds_the_earlier_rows_of_items_whose_sid_changed(tmp_path):
     dm.replay = earlier.select(np.isin(earlier.target, both[changed]))
     inst = dm.train_instances()
     assert len(inst) == plain + len(dm.replay) and np.all(np.diff(inst.index) > 0)
+
+
+def test_report_draws_every_figure_of_a_small_run(tmp_path):
+    import matplotlib.image as mpimg
+
+    from genrec.cli import main
+
+    data, cfg = tiny(tmp_path / "runs" / "dact", method="dact", last_period=2)
+    cfg.logger = "none"
+    ContinualRunner(data, cfg).run()
+    d2, c2 = tiny(tmp_path / "runs" / "frozen", method="frozen", last_period=2)
+    c2.logger, c2.init_from = "none", str(tmp_path / "runs" / "dact")
+    ContinualRunner(d2, c2).run()
+    assert main(["report", str(tmp_path / "runs")]) == 0
+    page = (tmp_path / "runs" / "report.html").read_text()
+    figs = sorted((tmp_path / "runs" / "report").glob("*.png"))
+    assert len(figs) >= 6 and all(f"report/{f.name}" in page for f in figs)
+    for f in figs:
+        img = mpimg.imread(f)
+        assert img.shape[0] > 100 and img.std() > 0.01, f.name  # drawn, not blank
+    assert main(["report", str(tmp_path / "nowhere")]) == 1
