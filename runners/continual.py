@@ -705,6 +705,27 @@ class ContinualRunner:
         logger = self.logger()
         if logger is not None:
             logger.log_metrics({**metrics, "period": t}, step=t)
+            if self.cfg.logger == "wandb":
+                self.log_period_artifact(logger, t)
+
+    def log_period_artifact(self, logger, t: int) -> None:
+        """Period t's SID table, metrics and code changes as one versioned W&B artifact (alias ``period<t>``); its
+        metadata names the previous period's version it was derived from (lineage of the tokenizer)."""
+        import wandb
+
+        d = self.period_dir(t)
+        name = f"{self.cfg.name}-seed{self.cfg.seed}-period-state"
+        meta = {"period": t, "method": self.cfg.name, "seed": self.cfg.seed, "data": self.data.name,
+                "sid_table_hash": self.sid_table.content_hash() if self.sid_table is not None else None,
+                "derived_from": f"{name}:period{t - 1}" if t > 0 else None}
+        art = wandb.Artifact(name, type="continual-period", metadata=meta)
+        for f in ("sid_table.parquet", "metrics.json", "sid_diff.json"):
+            if (d / f).exists():
+                art.add_file(str(d / f))
+        logger.experiment.log_artifact(art, aliases=[f"period{t}"])
+        index = Path(logger.experiment.dir) / "artifacts.json"  # a readable list of what was logged
+        logged = json.loads(index.read_text()) if index.exists() else []
+        atomic_write_json(index, [*logged, {"name": name, "alias": f"period{t}", **meta}], sort_keys=False)
 
     def logger(self):
         if self._logger is None and self.cfg.logger != "none":

@@ -152,6 +152,11 @@ def test_wandb_run_is_resumed_and_finished_cleanly(tmp_path):
         assert "HandleAbandonedError" not in (r / "logs" / "debug.log").read_text()
     summary = json.loads((runs[-1] / "files" / "wandb-summary.json").read_text())
     assert "mean/test/recall@5/overall" in summary
+    # one versioned artifact per period (SID table, metrics, code changes), each naming the one it derives from
+    logged = [a for r in runs for a in json.loads((r / "files" / "artifacts.json").read_text())]
+    assert [a["alias"] for a in logged] == ["period0", "period1"] and logged[1]["derived_from"].endswith(":period0")
+    records = sum((r / f"run-{run_id}.wandb").read_bytes().count(b"continual-period") for r in runs)
+    assert records == 2
 
 
 def test_dact_stage_runs_for_dact_epochs(tmp_path, monkeypatch):
