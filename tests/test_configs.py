@@ -107,3 +107,24 @@ def test_injected_optimizer_and_scheduler_drive_training(monkeypatch, tmp_path):
     assert {name for _, name, _ in seen} == {"SGD"}
     by_epoch = {e: lr for e, _, lr in seen}
     assert by_epoch == pytest.approx({0: 0.05, 1: 0.025})  # StepLR steps once per epoch
+
+
+COMPOSED = [("trainer/cpu", "logger/none", "model/tiger_cpu", "datamodule/synthetic"),
+            ("trainer/cpu", "logger/csv", "model/sasrec", "datamodule/synthetic"),
+            ("trainer/gpu", "logger/wandb", "model/tiger_paper", "datamodule/office_products_2018_d3")]
+
+
+@pytest.mark.parametrize("parts", COMPOSED, ids=lambda p: "+".join(x.split("/")[1] for x in p))
+def test_composed_configs_combine_with_repeated_config(parts, monkeypatch, tmp_path):
+    from lightning_modules.cli import GenrecCLI
+
+    monkeypatch.chdir(tmp_path)
+    args = [a for part in parts for a in ("--config", str(REPO / "configs" / f"{part}.yaml"))]
+    if "trainer/gpu" in parts:  # this machine may have no GPU: check the composition, not the device
+        args += ["--trainer.accelerator", "cpu", "--trainer.precision", "32-true"]
+    cli = GenrecCLI(subclass_mode_model=True, subclass_mode_data=True, run=False, args=args,
+                    parser_kwargs={"default_env": False})
+    assert type(cli.datamodule).__name__ == "SequenceDataModule"
+    assert type(cli.model).__name__ == ("SASRecModule" if "model/sasrec" in parts else "TigerModule")
+    if "model/tiger_paper" in parts:
+        assert cli.model.cfg.d_ff == 1024 and cli.model.hparams.codebook_size == 256
