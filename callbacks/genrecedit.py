@@ -339,7 +339,7 @@ def continual_hook(edit_config: EditConfig | None = None, merge: bool = False, e
         if t + 1 >= ds.num_periods:
             return {}
         nxt = t + 1
-        seen = list(getattr(runner, "_seen_periods", range(t + 1)))
+        seen = list(runner.seen_periods)  # the periods whose targets this model has learned
         dm = runner.sequence_dm([t], nxt, seen, 256)
         original_table = module.sid_table
         seeded = dataclasses.replace(config, seed=runner.cfg.seed + t)  # one seed reaches every draw

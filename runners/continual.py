@@ -224,6 +224,7 @@ class ContinualRunner:
         self.wandb_id: str | None = None
         self.last_per_instance: dict | None = None
         self.previous_sid_table: SemanticIdTable | None = None
+        self.seen_periods: list[int] = [0]  # periods whose training targets the current recommender has learned
         self.diagnostics: dict[str, float] = {}
         self._created = False
         self.hooks = list(hooks or [])
@@ -359,9 +360,9 @@ class ContinualRunner:
         method = "retrain" if first else self.rec_method
         stage = c.tiger_stage if method == "retrain" else c.tiger_finetune_stage
         train_periods = list(range(t + 1)) if method == "retrain" else [t]
-        seen = list(range(t + 1)) if method != "frozen" else self._seen_periods
+        seen = list(range(t + 1)) if method != "frozen" else self.seen_periods
         if method != "frozen":
-            self._seen_periods = list(range(t + 1))
+            self.seen_periods = list(range(t + 1))
         module = TigerModule(c.tiger, num_levels=c.rqvae.num_levels, codebook_size=c.rqvae.codebook_size,
                              suffix_size=c.suffix_size, lr=stage.lr, warmup_steps=c.tiger_warmup_steps if first else 0,
                              num_beams=c.num_beams, ks=tuple(c.ks))
@@ -520,7 +521,7 @@ class ContinualRunner:
         table.save(d / "sid_table.parquet")
         state = {"rqvae": self.rqvae.state_dict(), "rqvae_config": dataclasses.asdict(self.rqvae.config),
                  "tiger": self.tiger_state, "sasrec": self.sasrec_state, "dact_cdim": self.dact_cdim,
-                 "seen_periods": self._seen_periods}
+                 "seen_periods": self.seen_periods}
         atomic_torch_save(state, d / "state.pt")
         atomic_write_json(d / "metrics.json", metrics)
         atomic_write_json(d / "sid_diff.json", diff)
@@ -538,7 +539,7 @@ class ContinualRunner:
         self.rqvae.load_state_dict(state["rqvae"])
         self.rqvae.eval()
         self.tiger_state, self.sasrec_state, self.dact_cdim = state["tiger"], state["sasrec"], state["dact_cdim"]
-        self._seen_periods = list(state["seen_periods"])
+        self.seen_periods = list(state["seen_periods"])
         self.sid_table = SemanticIdTable.load(d / "sid_table.parquet")
         # null in the file is an empty subset: NaN in memory, as in an uninterrupted run
         return {k: float("nan") if v is None else v for k, v in json.loads((d / "metrics.json").read_text()).items()}
@@ -602,7 +603,7 @@ class ContinualRunner:
             if created:  # a run that never started leaves nothing behind
                 remove_ours(self.run_dir, RUN_KIND)
             raise
-        self._seen_periods = [0]
+        self.seen_periods = [0]
 
     def copy_period0(self, src: Path) -> None:
         """Start from another run's finished period 0 (same data and period-0 settings, checked)."""
