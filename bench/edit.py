@@ -172,6 +172,9 @@ def _run_one(args, work: str) -> tuple[dict, dict]:
                            d_ff=args.d_ff or 256)
         beams = 20
     accel = "auto"
+    from lightning_modules._device import accelerator_device
+
+    device = accelerator_device(accel)  # edits run between Trainer calls, which leave modules on the CPU
 
     def make_module():
         return TigerModule(tcfg, num_levels=3, codebook_size=64 if not args.full else 256, suffix_size=256,
@@ -276,7 +279,7 @@ def _run_one(args, work: str) -> tuple[dict, dict]:
 
     # GenRecEdit (defaults)
     cb = GenRecEditCallback(edit_cfg, cold_period=1, items=cold, embeddings=emb)
-    edits = cb.apply(base, dm)
+    edits = cb.apply(base.to(device), dm)
     times = cb.report.times
     results["seconds/edit"] = cb.report.edit_seconds
     results["seconds/select"] = times.get("select", 0.0)  # cov_lambda auto: candidates on validation
@@ -307,14 +310,17 @@ def _run_one(args, work: str) -> tuple[dict, dict]:
         cb_x = GenRecEditCallback(dataclasses.replace(edit_cfg, cov_cache_dir=str(cache), **fixed, **overrides),
                                   cold_period=1, items=cold, embeddings=emb)
         try:
-            cb_x.apply(base, dm)
+            cb_x.apply(base.to(device), dm)
             keep(name, test(base))
             results[f"{name}/seconds/edit"] = cb_x.report.edit_seconds
             for p_, v in cb_x.report.success_rate.items():  # a position with no successful δ gets no ΔW
                 results[f"{name}/edit/success_rate/pos{p_}"] = v
             keep_diagnostics(name, cb_x.report)
-        except ValueError as err:  # e.g. no true history for any cold item
+        except ValueError as err:  # e.g. no true history for any cold item: the row is recorded as failed
+            if "no edit requests" not in str(err):
+                raise
             print(f"{name}: {err}")
+            results[f"{name}/error"] = str(err)
         finally:
             cb_x.remove(base)
 

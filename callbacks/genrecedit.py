@@ -214,7 +214,8 @@ class GenRecEditCallback(L.Callback):
                       f"(unedited {unedited.get('val/recall@10/cold', float('nan')):.4f}), val ndcg@10/warm "
                       f"{m.get('val/ndcg@10/warm', float('nan')):.4f} (unedited "
                       f"{unedited.get('val/ndcg@10/warm', float('nan')):.4f})")
-        choice = choose_lambda(unedited, candidates, cfg.max_warm_drop)
+        cutoff = 10 if 10 in module.ks else max(module.ks)
+        choice = choose_lambda(unedited, candidates, cfg.max_warm_drop, k=cutoff)
         self._say(choice.reason)
         plan.timers.times["select"] = time.perf_counter() - t0
         return (None if choice.cov_lambda is None else plan.solve(choice.cov_lambda)), choice
@@ -352,7 +353,7 @@ def continual_hook(edit_config: EditConfig | None = None, merge: bool = False, e
                 cb.ensure_sids(module, dm, cb.cold_items(dm), runner.embeddings)
                 res = runner.evaluate(t, module, dm)
                 out.update({f"{prefix}/unedited/{k}": v for k, v in res.items()})
-            edits = cb.apply(module, dm)  # None: cov_lambda auto found no safe edit
+            edits = cb.apply(module.to(runner.device), dm)  # None: cov_lambda auto found no safe edit
             out.update({f"{prefix}/{k}": v for k, v in cb.metrics.items()})
             res = runner.evaluate(t, module, dm)
             out.update({f"{prefix}/edited/{k}": v for k, v in res.items()})

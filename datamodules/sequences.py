@@ -169,7 +169,7 @@ class SequenceDataModule(L.LightningDataModule):
         if self.dataset is None:
             self.dataset = load_or_prepare(self.data, self.prepared_dir, self.overwrite_prepared)
             n_periods = self.dataset.num_periods
-            bad = [p for p in self.train_periods + [self.eval_period] if not 0 <= p < n_periods]
+            bad = [p for p in self.train_periods + [self.eval_period] + self.seen_periods if not 0 <= p < n_periods]
             if bad:
                 raise ConfigError(f"data periods {bad} do not exist: the dataset has periods 0..{n_periods - 1} "
                                   "(train_periods / eval_period / seen_periods)")

@@ -100,13 +100,15 @@ def _resolve(target: str):
 
 
 def user_error(exc: BaseException) -> BaseException | None:
-    """The user error behind ``exc`` (itself or a cause/context: frameworks wrap exceptions), or None."""
+    """The user error behind ``exc`` (itself or its explicit cause: frameworks wrap exceptions), or None."""
     seen = set()
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
         if isinstance(exc, (GenrecError, argparse.ArgumentError)):
             return exc
-        exc = exc.__cause__ or exc.__context__
+        # only an explicit cause (`raise Wrapper(...) from user_error`): an error raised while *handling* a user
+        # error is a bug of its own and keeps its traceback
+        exc = exc.__cause__
     return None
 
 

@@ -45,6 +45,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path
     tmp = Path(name)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600: give the result the usual permissions
         os.replace(tmp, path)
     except BaseException as exc:
         tmp.unlink(missing_ok=True)
@@ -56,6 +57,12 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     return atomic_write(path, lambda tmp: tmp.write_text(text))
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def jsonable(obj):
@@ -162,12 +169,16 @@ def staged_dir(path: str | os.PathLike, kind: str, overwrite: bool = False, prot
     try:
         yield tmp
         write_marker(tmp, kind, **marker)
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700
         old = None
         if target.exists():
             if state == "replace":
                 old = target.with_name(f".{target.name}.old-{os.getpid()}")
                 os.replace(target, old)
-            else:  # empty folder
+            elif any(target.iterdir()):  # something wrote into the target while the folder was staged
+                raise OutputError(f"{what} {target}: files appeared in it while genrec was writing (e.g. a cache "
+                                  "configured inside it); nothing was replaced — choose a cache folder outside it")
+            else:
                 target.rmdir()
         os.replace(tmp, target)
         if old is not None:

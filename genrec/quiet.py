@@ -18,7 +18,6 @@ _HINTS = (
     r".*module\(s\) in eval mode.*",
     r".*LeafSpec.*",
     r".*`past_key_values` is deprecated.*",
-    r".*Experiment logs directory .* exists and is not empty.*",
     r".*Checkpoint directory .* exists and is not empty.*",
     r".*GPU available but not used.*",
     r".*The '.*_dataloader' does not have many workers.*",

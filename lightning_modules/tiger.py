@@ -260,7 +260,8 @@ class TigerModule(ArenaMixin, CatalogueBound, L.LightningModule):
     def evaluate_loader(self, loader, prefix: str = "val") -> dict[str, float]:
         """Metrics of the current model (and edit) over a dataloader, outside any Trainer and on this process only
         (the GenRecEdit λ selection runs it on rank 0)."""
-        metrics = RankingMetrics(ks=self.ks, sid_length=self.hparams.num_levels + 1, sync_on_compute=False)
+        metrics = RankingMetrics(ks=self.ks, sid_length=self.hparams.num_levels + 1, subsets=self.val_metrics.subsets,
+                                 sync_on_compute=False)
         metrics = metrics.to(self.device)
         was_training = self.training
         self.eval()
@@ -373,7 +374,7 @@ def log_wandb_results(trainer, values: dict, sid_table: SemanticIdTable | None) 
         if sid_table is not None:
             import wandb
 
-            path = Path(logger.save_dir or trainer.default_root_dir) / "sid_table.parquet"
+            path = Path(logger.experiment.dir) / "sid_table.parquet"  # this run's own folder (runs never share it)
             digest = sid_table.save(path)
             artifact = wandb.Artifact(f"sid_table-{digest[:16]}", type="sid_table", metadata={"hash": digest})
             artifact.add_file(str(path))

@@ -209,7 +209,8 @@ NON_RESULT_FIELDS = ("run_dir", "overwrite", "last_period", "logger", "wandb_pro
 RUN_KIND = "continual"
 # Fields that shape period 0 (what `init_from` must agree on).
 PERIOD0_FIELDS = ("use_cf", "edit", "edit_config", "rqvae", "rqvae_stage", "rqvae_warmup_epochs", "sasrec",
-                  "sasrec_stage", "tiger", "tiger_stage", "tiger_warmup_steps", "num_beams", "ks", "suffix_size")
+                  "sasrec_stage", "tiger", "tiger_stage", "tiger_warmup_steps", "num_beams", "ks", "suffix_size",
+                  "select_on_val", "select_every_n_epochs", "precision", "analyze")
 
 
 # Hooks called after the recommender update of period t: fn(runner, period, tiger_module) -> metrics dict.
@@ -227,6 +228,8 @@ class ContinualRunner:
         self.seen_periods: list[int] = [0]  # periods whose training targets the current recommender has learned
         self.diagnostics: dict[str, float] = {}
         self._created = False
+        self._replaced: Path | None = None
+        self._last = 0
         self.hooks = list(hooks or [])
         if cfg.edit:
             from callbacks.genrecedit import continual_hook
@@ -246,6 +249,13 @@ class ContinualRunner:
     # ------------------------------------------------------------------ helpers
     def log(self, msg: str) -> None:
         print(f"[continual {self.cfg.name}] {msg}", flush=True)
+
+    @property
+    def device(self) -> torch.device:
+        """Where work outside a Trainer runs (Lightning moves modules back to the CPU after each fit/test)."""
+        from lightning_modules._device import accelerator_device
+
+        return accelerator_device(self.cfg.accelerator)
 
     def period_dir(self, t: int) -> Path:
         return self.run_dir / f"period_{t}"
@@ -374,9 +384,10 @@ class ContinualRunner:
             module.load_state_dict(self.tiger_state)
         module.set_sid_table(table, dm.catalogue(), self.dataset.num_items)
         if method != "frozen":
-            before = self.changed_item_losses(module, dm) if not first else {}
+            tuned = method == "finetune"  # "before" means the carried-over model, which only a fine-tune has
+            before = self.changed_item_losses(module.to(self.device), dm) if tuned else {}
             self.fit_recommender(t, module, dm, stage.epochs, from_scratch=method == "retrain")
-            after = self.changed_item_losses(module, dm) if not first else {}
+            after = self.changed_item_losses(module.to(self.device), dm) if tuned else {}
             self.diagnostics.update({f"recommender/loss_{k}/before": v for k, v in before.items()})
             self.diagnostics.update({f"recommender/loss_{k}/after": v for k, v in after.items()})
         self.tiger_state = {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
@@ -391,7 +402,7 @@ class ContinualRunner:
         sas = SASRecModule(dataclasses.replace(self.cfg.sasrec, num_items=n), ks=tuple(self.cfg.ks))
         sas.load_state_dict(self.sasrec_state)
         sas.eval_item_mask = sas._mask(dm.catalogue(), n)
-        sas = sas.to(module.device)
+        module, sas = module.to(self.device), sas.to(self.device)
         flat, tables = analyze_modules(module, sas, dm)
         out = self.period_dir(t) / "analysis"
         out.mkdir(parents=True, exist_ok=True)
@@ -411,7 +422,7 @@ class ContinualRunner:
             self.trainer(epochs, t, "tiger", check_val_every_n_epoch=max(epochs, 1)).fit(module, datamodule=dm)
             return
         monitor = "val/recall@10/overall" if 10 in c.ks else f"val/recall@{max(c.ks)}/overall"
-        start = None if from_scratch else module.evaluate_loader(dm.val_dataloader()).get(monitor)
+        start = None if from_scratch else module.to(self.device).evaluate_loader(dm.val_dataloader()).get(monitor)
         start_state = None if from_scratch else {k: v.detach().clone() for k, v in module.state_dict().items()}
         folder = self.period_dir(t) / "tiger" / "select"
         ckpt = ModelCheckpoint(dirpath=str(folder), monitor=monitor, mode="max", save_top_k=1, save_weights_only=True)
@@ -557,7 +568,8 @@ class ContinualRunner:
         """The settings that determine this run's results (compared on resume)."""
         cont = {k: v for k, v in _jsonable(dataclasses.asdict(self.cfg)).items() if k not in NON_RESULT_FIELDS}
         cont["resolved"] = list(self.cfg.resolved())
-        return {"data": _jsonable(content_config(self.data)), "continual": cont}
+        data = {**content_config(self.data), "embedding_model": self.data.embedding_model}  # the encoder shapes SIDs
+        return {"data": _jsonable(data), "continual": cont}
 
     def claim_run_dir(self) -> bool:
         """Create, resume or (``overwrite``) replace the run folder; True when this command created it."""
@@ -570,8 +582,9 @@ class ContinualRunner:
                          "--continual.overwrite true to start it again")
             self.wandb_id = info.get("wandb_id")
             return False
-        if state == "replace":
-            remove_ours(self.run_dir, RUN_KIND)
+        if state == "replace":  # kept aside until the new run has started (restored if it fails before)
+            self._replaced = self.run_dir.with_name(f".{self.run_dir.name}.replaced-{os.getpid()}")
+            os.replace(self.run_dir, self._replaced)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         write_marker(self.run_dir, RUN_KIND)
         return True
@@ -599,11 +612,27 @@ class ContinualRunner:
             if self.cfg.init_from and not (self.period_dir(0) / "DONE").exists():
                 self.copy_period0(Path(self.cfg.init_from))
             self.embeddings = item_embeddings(self.dataset, show_progress=True)
+            last = self.last_period()
         except BaseException:
             if created:  # a run that never started leaves nothing behind
                 remove_ours(self.run_dir, RUN_KIND)
+                if self._replaced is not None:  # the run it was to replace comes back
+                    os.replace(self._replaced, self.run_dir)
+                    self._replaced = None
             raise
+        if self._replaced is not None:
+            import shutil
+
+            shutil.rmtree(self._replaced, ignore_errors=True)
+            self._replaced = None
         self.seen_periods = [0]
+        self._last = last
+
+    def last_period(self) -> int:
+        last = self.dataset.num_periods - 1 if self.cfg.last_period is None else self.cfg.last_period
+        if last >= self.dataset.num_periods:
+            raise ConfigError(f"continual.last_period {last}: the data has periods 0..{self.dataset.num_periods - 1}")
+        return last
 
     def copy_period0(self, src: Path) -> None:
         """Start from another run's finished period 0 (same data and period-0 settings, checked)."""
@@ -622,14 +651,17 @@ class ContinualRunner:
         theirs = {k: info["config"]["continual"].get(k) for k in PERIOD0_FIELDS}
         require_same(theirs, {k: mine["continual"].get(k) for k in PERIOD0_FIELDS},
                      f"period 0 of continual.init_from {src}", hint)
-        shutil.copytree(src / "period_0", self.period_dir(0))
+        tmp = self.period_dir(0).with_name(".period_0.copy")
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(src / "period_0", tmp, ignore=shutil.ignore_patterns("DONE"))
+        shutil.rmtree(self.period_dir(0), ignore_errors=True)  # an unfinished copy of ours
+        os.replace(tmp, self.period_dir(0))
+        atomic_write_text(self.period_dir(0) / "DONE", (src / "period_0" / "DONE").read_text())  # finished: last
         self.log(f"period 0 copied from {src}")
 
     def run(self) -> dict[int, dict]:
         self.setup()
-        last = self.dataset.num_periods - 1 if self.cfg.last_period is None else self.cfg.last_period
-        if last >= self.dataset.num_periods:
-            raise ConfigError(f"continual.last_period {last}: the data has periods 0..{self.dataset.num_periods - 1}")
+        last = self._last
         start = 0
         for t in range(last + 1):
             if (self.period_dir(t) / "DONE").exists():
@@ -741,7 +773,10 @@ class ContinualRunner:
                                            config={"data": _jsonable(dataclasses.asdict(self.data)),
                                                    "continual": _jsonable(dataclasses.asdict(self.cfg))})
             else:
-                self._logger = CSVLogger(str(self.run_dir), name="logs", version=name)
+                logs = self.run_dir / "logs"
+                part = len(list(logs.glob(f"{name}-part*"))) if logs.exists() else 0
+                # a new version per invocation: Lightning empties an existing version's metrics.csv
+                self._logger = CSVLogger(str(self.run_dir), name="logs", version=f"{name}-part{part}")
         return self._logger
 
     def finish(self) -> None:

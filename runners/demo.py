@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> dict:
     write_marker(out, DEMO_KIND)
     L.seed_everything(args.seed, workers=True)
     t0 = time.perf_counter()
-    dm = SequenceDataModule(DataConfig(seed=args.seed), prepared_dir=str(out / "prepared"), train_periods=[0],
+    dm = SequenceDataModule(DataConfig(seed=args.seed), prepared_dir=str(out / f"prepared-seed{args.seed}"), train_periods=[0],
                             eval_period=1, batch_size=128)
     stats = dm.load().stats()
     print(f"[demo] prepared synthetic data: {stats['num_interactions']:,} interactions, {stats['num_users']} users, "

@@ -123,6 +123,10 @@ def run(cfg, data: DataConfig, edit: EditConfig) -> dict:
 
     # every check that can run before the work runs first: output folder, checkpoint, data, items
     claim_dir(cfg.output_dir, EDIT_KIND, overwrite=cfg.overwrite, protected=(data.root,), what="edit output folder")
+    if edit.cov_cache_dir and Path(cfg.output_dir).resolve() in [Path(edit.cov_cache_dir).resolve(),
+                                                                *Path(edit.cov_cache_dir).resolve().parents]:
+        raise ConfigError(f"edit.cov_cache_dir {edit.cov_cache_dir} lies inside --output_dir {cfg.output_dir} (which is "
+                          "written in one go at the end): put the C̄0 cache outside it")
     read_checkpoint(cfg.ckpt_path, expect="TigerModule")
     cold_period = cfg.cold_period if cfg.cold_period is not None else max(cfg.train_periods) + 1
     dm = SequenceDataModule(data, prepared_dir=cfg.prepared_dir, train_periods=cfg.train_periods,
@@ -159,8 +163,10 @@ def _edit_and_evaluate(cfg, module, dm, cold_period: int, items, edit: EditConfi
     if cfg.evaluate_unedited:
         before = _evaluate(module, dm, out / "unedited", cfg.accelerator)
         metrics.update({f"unedited/{k}": v for k, v in before.items()})
+    from lightning_modules._device import accelerator_device
+
     cb = GenRecEditCallback(edit, cold_period=cold_period, items=items)
-    edits = cb.apply(module, dm)
+    edits = cb.apply(module.to(accelerator_device(cfg.accelerator)), dm)  # (the Trainer left it on the CPU)
     times = cb.report.times
     # Decision 8: the edit is timed from prepared knowledge to updated model; C̄0 (reusable) on its own.
     metrics["seconds/edit"] = cb.report.edit_seconds

@@ -11,7 +11,6 @@ import torch.nn.functional as F
 
 from genrec.decoding import (
     SidTrie,
-    choose_weight,
     constrained_beam_search,
     dense_top_m,
     diverse_beam_search,
@@ -20,7 +19,6 @@ from genrec.decoding import (
     mmr_rerank,
     prefix_similarity,
     score_sids,
-    sweep_weights,
 )
 from genrec.metrics import (
     DiversityMetrics,
@@ -180,16 +178,12 @@ def test_hybrid_weight_endpoints_on_random_pools():
     assert torch.equal(items1, cand.gather(1, dense.argsort(dim=1, descending=True, stable=True)))
 
 
-def test_dense_top_m_and_choose_weight():
+def test_dense_top_m():
     scores = torch.tensor([[0.3, 0.9, 0.1, 0.9, 0.5], [0.0, 0.0, 0.0, 0.0, 0.0]])
     mask = torch.tensor([[True, False, True, True, True], [False, False, True, False, False]])
     items, top = dense_top_m(scores, mask, 3)
     assert items.tolist() == [[3, 4, 0], [2, -1, -1]]
     torch.testing.assert_close(top, torch.tensor([[0.9, 0.5, 0.3], [0.0, -INF, -INF]]))
-    assert choose_weight({0.0: 0.1, 0.25: 0.3, 0.5: 0.3, 1.0: float("nan")}) == 0.25  # first best, strict >
-    assert sweep_weights(lambda w: 1 - (w - 0.5) ** 2, [0.0, 0.5, 1.0]) == {0.0: 0.75, 0.5: 1.0, 1.0: 0.75}
-    with pytest.raises(ValueError):
-        choose_weight({})
 
 
 # ------------------------------------------------------------------------------------------- MMR

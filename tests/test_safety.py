@@ -353,3 +353,40 @@ def test_help_lists_every_command_and_version(capsys):
     assert set(COMMANDS) >= {"prepare", "continual", "edit", "demo"}
     assert main(["--version"]) == 0 and capsys.readouterr().out.startswith("genrec ")
     assert main(["frobnicate"]) == 2 and "unknown command" in capsys.readouterr().err
+
+
+def test_a_reused_prepared_cache_serves_the_request_encoder_and_seed(tmp_path):
+    from genrec.data.pipeline import load_or_prepare
+
+    root = tmp_path / "data"
+    root.mkdir()
+    rows = [f"u{u},i{(u + k) % 9},{10 * u + k}" for u in range(12) for k in range(4)]
+    (root / "interactions.csv").write_text("user_id,item_id,timestamp\n" + "\n".join(rows) + "\n")
+    (root / "items.jsonl").write_text("".join(f'{{"item_id": "i{i}", "title": "t{i}"}}\n' for i in range(9)))
+    first = DataConfig(source="local", root=str(root), period_fractions=[1.0], cache_dir=str(tmp_path / "c"))
+    load_or_prepare(first, tmp_path / "prep")
+    again = DataConfig(source="local", root=str(root), period_fractions=[1.0], cache_dir=str(tmp_path / "c2"),
+                       embedding_model="another-encoder", seed=7)
+    ds = load_or_prepare(again, tmp_path / "prep")  # same content: reused, but with this request's encoder and seed
+    assert (ds.config.embedding_model, ds.config.cache_dir, ds.config.seed) == ("another-encoder",
+                                                                                str(tmp_path / "c2"), 7)
+
+
+def test_outputs_get_the_usual_permissions_and_a_staged_target_must_stay_empty(tmp_path):
+    import os
+    import stat
+
+    mask = os.umask(0o022)
+    try:
+        f = atomic_write_text(tmp_path / "m.json", "{}")
+        assert stat.S_IMODE(f.stat().st_mode) == 0o644
+        with staged_dir(tmp_path / "out", "edit") as tmp:
+            atomic_write_text(tmp / "a.txt", "1")
+        assert stat.S_IMODE((tmp_path / "out").stat().st_mode) == 0o755
+        target = tmp_path / "again"
+        with pytest.raises(OutputError, match="files appeared in it"), staged_dir(target, "edit") as tmp:
+            target.mkdir()
+            (target / "cache.npz").write_text("written by something else meanwhile")
+        assert (target / "cache.npz").exists() and [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+    finally:
+        os.umask(mask)

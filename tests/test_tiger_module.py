@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import lightning as L
 import numpy as np
@@ -105,7 +106,8 @@ def test_wandb_offline_logging_of_results_table_and_sid_artifact(tmp_path, monke
     assert "test/recall@5/cold" in res
     from genrec.tokenizers.sid import SemanticIdTable
 
-    saved = SemanticIdTable.load(tmp_path / "wandb" / "sid_table.parquet")
+    saved = SemanticIdTable.load(Path(logger.experiment.dir) / "sid_table.parquet")  # the run's own folder
     assert saved.content_hash() == model.sid_table.content_hash()
+    assert not (tmp_path / "wandb" / "sid_table.parquet").exists()  # never a file shared by runs
     logger.experiment.finish()
     assert list((tmp_path / "wandb" / "wandb").glob("offline-run-*"))

@@ -106,8 +106,11 @@ def encode_texts(
         if path is not None:
             keys = np.concatenate([cached_keys, miss_hashes]) if cached is not None else miss_hashes
             emb = np.concatenate([cached, new_emb]) if cached is not None else new_emb
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(path.name + ".tmp.npz")
-            np.savez(tmp, keys=keys, embeddings=emb)
-            os.replace(tmp, path)
+            from genrec.files import atomic_write
+
+            def write(tmp):
+                with open(tmp, "wb") as fh:  # a file object: np.savez would append ".npz" to a path
+                    np.savez(fh, keys=keys, embeddings=emb)
+
+            atomic_write(path, write)  # unique temporary: runs sharing the cache do not collide
     return out

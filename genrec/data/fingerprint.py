@@ -95,9 +95,12 @@ NON_CONTENT_FIELDS = ("name", "cache_dir", "embedding_model", "embedding_batch_s
 
 
 def content_config(cfg) -> dict:
+    """The data settings that shape a prepared folder's content (the data seed only shapes synthetic data)."""
     d = dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else dict(cfg)
     for k in NON_CONTENT_FIELDS:
         d.pop(k, None)
+    if d.get("source") != "synthetic":
+        d.pop("seed", None)
     if d.get("root"):
         d["root"] = str(Path(d["root"]).expanduser().resolve())
     return d

@@ -22,6 +22,7 @@ import pyarrow.parquet as pq
 from genrec.data.columns import Workspace
 from genrec.data.config import DataConfig
 from genrec.data.fingerprint import (
+    NON_CONTENT_FIELDS,
     catalogue_fingerprint,
     content_config,
     dataset_fingerprint,
@@ -407,8 +408,18 @@ def load_or_prepare(cfg: DataConfig, prepared_dir: str | os.PathLike | None, ove
         if meta.get("sources", {}) != source_fingerprint(cfg):
             raise RunMismatchError(f"prepared folder {path}: its source files changed since it was prepared "
                                    f"(size or modification time); {hint}")
-        return PreparedDataset.load(path)
+        return _with_request(PreparedDataset.load(path), cfg)
     ds = prepare(cfg)
     if prepared_dir:  # the saved folder, memory-mapped: what every later run (and every other rank) reads
-        return PreparedDataset.load(ds.save(prepared_dir, overwrite=overwrite))
+        return _with_request(PreparedDataset.load(ds.save(prepared_dir, overwrite=overwrite)), cfg)
+    return ds
+
+
+def _with_request(ds: PreparedDataset, cfg: DataConfig) -> PreparedDataset:
+    """A reused folder serves this request: the fields that do not shape its content (encoder, caches, name, the
+    seed of non-synthetic data) come from the request, not from whoever prepared it first."""
+    keep = {k: getattr(cfg, k) for k in NON_CONTENT_FIELDS if hasattr(cfg, k)}
+    if cfg.source != "synthetic":
+        keep["seed"] = cfg.seed
+    ds.config = dataclasses.replace(ds.config, **keep)
     return ds

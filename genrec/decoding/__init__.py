@@ -3,19 +3,16 @@
 from genrec.decoding.beam_search import CachedT5Decoder, constrained_beam_search, score_sids
 from genrec.decoding.diverse import diverse_beam_search
 from genrec.decoding.rerank import (
-    choose_weight,
     cosine_similarity,
     dense_top_m,
     hybrid_rerank,
     merge_candidates,
     mmr_rerank,
     prefix_similarity,
-    sweep_weights,
 )
 from genrec.decoding.trie import SidTrie
 
 __all__ = [
-    "CachedT5Decoder", "SidTrie", "choose_weight", "constrained_beam_search", "cosine_similarity", "dense_top_m",
+    "CachedT5Decoder", "SidTrie", "constrained_beam_search", "cosine_similarity", "dense_top_m",
     "diverse_beam_search", "hybrid_rerank", "merge_candidates", "mmr_rerank", "prefix_similarity", "score_sids",
-    "sweep_weights",
 ]

@@ -21,8 +21,6 @@ input order for a ranked beam), smaller λ trades relevance for dissimilarity to
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
-
 import torch
 import torch.nn.functional as F
 
@@ -145,22 +143,6 @@ def dense_top_m(
     allowed = mask.gather(1, idx)
     items = _pad_cols(idx.masked_fill(~allowed, -1), m, -1)
     return items, _pad_cols(scores.gather(1, idx).masked_fill(~allowed, NEG_INF), m, NEG_INF)
-
-
-def sweep_weights(val_metric_fn: Callable[[float], float], grid: Iterable[float]) -> dict[float, float]:
-    """{weight: val_metric_fn(weight)} over ``grid`` in grid order (feed to :func:`choose_weight`)."""
-    return {float(w): float(val_metric_fn(float(w))) for w in grid}
-
-
-def choose_weight(metric_by_weight: Mapping[float, float]) -> float:
-    """The weight with the highest metric: strict >, so the first best in the mapping's (grid) order; NaN never wins."""
-    best_w, best = None, NEG_INF
-    for w, v in metric_by_weight.items():
-        if float(v) > best:
-            best_w, best = w, float(v)
-    if best_w is None:
-        raise ValueError("choose_weight: no weight has a metric above -inf (empty grid or all NaN)")
-    return best_w
 
 
 # --------------------------------------------------------------------------------------------- MMR

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from genrec.editing.keys import HistoryEncoder, Site, decoder_inputs, iter_key_batches
+from genrec.files import atomic_torch_save
 
 CACHE_FORMAT = "genrec.covariance/1"
 
@@ -148,7 +149,5 @@ def preserved_covariances(
                     "position": s[1],
                     "num_samples": n,
                 }
-                tmp = paths[s].with_name(paths[s].name + ".tmp")
-                torch.save(blob, tmp)
-                tmp.replace(paths[s])
+                atomic_torch_save(blob, paths[s])  # unique temporary: runs sharing the cache do not collide
     return out, info

@@ -16,7 +16,6 @@ import hashlib
 import json
 import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
@@ -292,11 +291,9 @@ class SemanticIdTable:
             )
         }
         table = pa.table(cols).replace_schema_metadata(meta)
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        pq.write_table(table, tmp)
-        os.replace(tmp, path)
+        from genrec.files import atomic_write
+
+        atomic_write(path, lambda tmp: pq.write_table(table, tmp))
         return digest
 
     @classmethod
