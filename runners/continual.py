@@ -413,34 +413,17 @@ class ContinualRunner:
     def fit_recommender(self, t: int, module, dm, epochs: int, from_scratch: bool) -> None:
         """Train TIGER; with ``select_on_val`` keep the epoch (or, for a fine-tune, the starting point) with the best
         validation recall@10 of period t."""
-        import shutil
-
-        from lightning.pytorch.callbacks import ModelCheckpoint
+        from lightning_modules._selection import fit_selecting_on_val, monitor_key
 
         c = self.cfg
         if not c.select_on_val or epochs == 0:
             self.trainer(epochs, t, "tiger", check_val_every_n_epoch=max(epochs, 1)).fit(module, datamodule=dm)
             return
-        monitor = "val/recall@10/overall" if 10 in c.ks else f"val/recall@{max(c.ks)}/overall"
-        start = None if from_scratch else module.to(self.device).evaluate_loader(dm.val_dataloader()).get(monitor)
-        start_state = None if from_scratch else {k: v.detach().clone() for k, v in module.state_dict().items()}
-        folder = self.period_dir(t) / "tiger" / "select"
-        ckpt = ModelCheckpoint(dirpath=str(folder), monitor=monitor, mode="max", save_top_k=1, save_weights_only=True)
-        every = max(min(c.select_every_n_epochs, epochs), 1) if from_scratch else 1
-        trainer = self.trainer(epochs, t, "tiger", check_val_every_n_epoch=every, callbacks=[ckpt])
-        trainer.fit(module, datamodule=dm)
-        best = None if ckpt.best_model_score is None else float(ckpt.best_model_score)
-        if start is not None and (best is None or start >= best):
-            module.load_state_dict(start_state)  # fine-tuning never beat the starting point on validation
-            chosen = 0
-        elif best is not None:
-            saved = torch.load(ckpt.best_model_path, map_location="cpu", weights_only=True)
-            module.load_state_dict(saved["state_dict"])
-            chosen = int(saved["epoch"]) + 1
-        else:
-            chosen = epochs
-        self.diagnostics["recommender/selected_epoch"] = float(chosen)
-        shutil.rmtree(folder, ignore_errors=True)
+        every = c.select_every_n_epochs if from_scratch else 1
+        self.diagnostics["recommender/selected_epoch"] = float(fit_selecting_on_val(
+            lambda **kw: self.trainer(epochs, t, "tiger", **kw), module, self.period_dir(t) / "tiger" / "select",
+            epochs=epochs, from_scratch=from_scratch, monitor=monitor_key(c.ks), val_loader=dm.val_dataloader(),
+            every=every, datamodule=dm, device=self.device))
 
     # ------------------------------------------------------------------ diagnostics (DACT Fig. 4 / Fig. 6)
     def sid_status(self, items: np.ndarray) -> dict[str, np.ndarray]:

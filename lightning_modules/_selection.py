@@ -1,0 +1,50 @@
+"""Epoch selection on validation, shared by the continual runner and the edit benchmark's baselines: train, keep
+the epoch with the best validation metric, and for a fine-tune keep the starting point when no epoch beats it
+(so a baseline never reports a model that validation would have rejected)."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+
+def monitor_key(ks, subset: str = "overall") -> str:
+    k = 10 if 10 in tuple(ks) else max(ks)
+    return f"val/recall@{k}/{subset}"
+
+
+def fit_selecting_on_val(make_trainer: Callable, module, folder: Path, *, epochs: int, from_scratch: bool,
+                         monitor: str, val_loader, every: int = 1, datamodule=None, train_loader=None,
+                         device: torch.device | None = None) -> int:
+    """Fit ``module`` for ``epochs`` validating every ``every`` epochs; load the best state and return the chosen
+    epoch (0 = the starting point of a fine-tune). ``make_trainer(check_val_every_n_epoch=…, callbacks=[…])``
+    builds the Trainer; ``folder`` holds the selection's checkpoint and is removed afterwards."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    start = start_state = None
+    if not from_scratch:
+        if device is not None:
+            module = module.to(device)
+        start = module.evaluate_loader(val_loader).get(monitor)
+        start_state = {k: v.detach().clone() for k, v in module.state_dict().items()}
+    ckpt = ModelCheckpoint(dirpath=str(folder), monitor=monitor, mode="max", save_top_k=1, save_weights_only=True)
+    trainer = make_trainer(check_val_every_n_epoch=max(min(every, epochs), 1), callbacks=[ckpt])
+    if datamodule is not None:
+        trainer.fit(module, datamodule=datamodule)
+    else:
+        trainer.fit(module, train_dataloaders=train_loader, val_dataloaders=val_loader)
+    best = None if ckpt.best_model_score is None else float(ckpt.best_model_score)
+    if start is not None and (best is None or start >= best):
+        module.load_state_dict(start_state)  # training never beat the starting point on validation
+        chosen = 0
+    elif best is not None:
+        saved = torch.load(ckpt.best_model_path, map_location="cpu", weights_only=True)
+        module.load_state_dict(saved["state_dict"])
+        chosen = int(saved["epoch"]) + 1
+    else:
+        chosen = epochs
+    shutil.rmtree(folder, ignore_errors=True)
+    return chosen
