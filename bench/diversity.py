@@ -5,8 +5,9 @@ the group penalty, on period-1 test instances of a TIGER trained on period 0.
 
 Per setting: recall@10 / NDCG@10 and intra-list diversity (mean pairwise cosine distance of item text embeddings),
 distinct first-level codes, novelty and catalogue coverage of the top-10 (overall). Keys
-``mmr_lambda<λ>/test/<metric>@10/overall`` and ``groups_penalty<p>/test/…``; ``best_mmr/…`` is the largest
-intra-list-diversity gain at a recall@10 loss of at most 5% relative to plain beam search.
+``mmr_lambda<λ>/{val,test}/<metric>@10/overall`` and ``groups_penalty<p>/{val,test}/…``. ``best_mmr/…``: the λ
+with the largest intra-list-diversity gain whose recall@10 stays within 5% of plain beam search, chosen on the
+period's **validation** split; ``best_mmr/test/…`` are that λ's test values (test never takes part in the choice).
 """
 
 from __future__ import annotations
@@ -46,9 +47,10 @@ def main(argv=None) -> dict:
 
         def run(name: str, cfg: DecodingConfig) -> None:
             tiger.decoding = cfg
-            out = trainer.test(tiger, datamodule=dm, verbose=False)[0]
-            for m in METRICS:
-                res[f"{name}/test/{m}@10/overall"] = float(out.get(f"test/{m}@10/overall", float("nan")))
+            for split, fn in (("val", trainer.validate), ("test", trainer.test)):
+                out = fn(tiger, datamodule=dm, verbose=False)[0]
+                for m in METRICS:
+                    res[f"{name}/{split}/{m}@10/overall"] = float(out.get(f"{split}/{m}@10/overall", float("nan")))
 
         run("beam", DecodingConfig(diversity_metrics=True))
         for lam in args.lambdas:
@@ -61,18 +63,26 @@ def main(argv=None) -> dict:
     return res
 
 
-def best_curve(res: dict, lambdas) -> None:
-    """The MMR setting with the largest ILD gain whose recall@10 stays within 5% of plain beam search."""
-    base_r, base_ild = res["beam/test/recall@10/overall"], res["beam/test/ild@10/overall"]
+def best_curve(res: dict, lambdas, max_recall_drop: float = 0.05) -> None:
+    """Choose the MMR λ on validation (largest ILD gain with recall@10 ≥ (1 − drop) × beam search's) and report
+    its test values next to beam search's."""
+    def val(name, m):
+        return res[f"{name}/val/{m}@10/overall"]
+
     best = None
     for lam in lambdas:
-        r, ild = res[f"mmr_lambda{lam:g}/test/recall@10/overall"], res[f"mmr_lambda{lam:g}/test/ild@10/overall"]
-        if r >= 0.95 * base_r and (best is None or ild > best[1]):
-            best = (lam, ild, r)
-    if best is not None:
-        res["best_mmr/lambda"] = best[0]
-        res["best_mmr/ild_gain"] = best[1] / base_ild - 1 if base_ild else float("nan")
-        res["best_mmr/recall_ratio"] = best[2] / base_r if base_r else float("nan")
+        name = f"mmr_lambda{lam:g}"
+        if val(name, "recall") >= (1 - max_recall_drop) * val("beam", "recall") and (
+                best is None or val(name, "ild") > val(best, "ild")):
+            best = name
+    if best is None:
+        return
+    res["best_mmr/lambda"] = float(best.removeprefix("mmr_lambda"))
+    for m in METRICS:
+        res[f"best_mmr/test/{m}@10/overall"] = res[f"{best}/test/{m}@10/overall"]
+    base_r, base_ild = res["beam/test/recall@10/overall"], res["beam/test/ild@10/overall"]
+    res["best_mmr/test/ild_gain"] = res[f"{best}/test/ild@10/overall"] / base_ild - 1 if base_ild else float("nan")
+    res["best_mmr/test/recall_ratio"] = res[f"{best}/test/recall@10/overall"] / base_r if base_r else float("nan")
 
 
 if __name__ == "__main__":

@@ -44,7 +44,7 @@ def train_tiger(args, prepared_dir: str, workdir: str, per_instance: dict | None
                         warmup_steps=args.warmup_steps, num_beams=20, ks=(5, 10, 20))
     ckpt = ModelCheckpoint(dirpath=workdir, monitor="val/recall@10/overall", mode="max", save_top_k=1)
     trainer = L.Trainer(max_epochs=args.epochs, accelerator="auto", devices=1, logger=False, callbacks=[ckpt],
-                        enable_progress_bar=False, num_sanity_val_steps=0, check_val_every_n_epoch=args.val_every,
+                        enable_progress_bar=False, num_sanity_val_steps=0, check_val_every_n_epoch=max(1, min(args.val_every, args.epochs)),
                         deterministic=True, default_root_dir=workdir)
     t0 = time.perf_counter()
     trainer.fit(model, datamodule=dm)

@@ -37,3 +37,29 @@ def test_flops_count_matches_a_hand_count():
     # enc: 3 tokens × (4·2·2 + 2·2·4) + 2·3·3·2 = 3·32 + 36 = 132; dec self: 1·16 + 2·1·1·2 = 20;
     # cross: 1·8 + 3·8 + 2·1·3·2 = 44; dec ffn 16; head 1·2·10 = 20 → 232 MACs = 464 FLOPs
     assert tiger_forward_flops(cfg, enc_tokens=3, dec_tokens=1, vocab=10) == 464.0
+
+
+def test_diversity_bench_chooses_mmr_lambda_on_validation_not_test(monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO / "bench"))
+    from diversity import METRICS, best_curve
+
+    res = {}
+
+    def row(name, split, recall, ild):
+        for m in METRICS:
+            res[f"{name}/{split}/{m}@10/overall"] = {"recall": recall, "ild": ild}.get(m, 0.5)
+
+    row("beam", "val", 0.10, 0.20)
+    row("beam", "test", 0.10, 0.20)
+    # λ 0.5: most diverse on validation within 5% recall; on test λ 0.3 would look better but must not be chosen
+    row("mmr_lambda0.8", "val", 0.099, 0.25)
+    row("mmr_lambda0.8", "test", 0.080, 0.25)
+    row("mmr_lambda0.5", "val", 0.096, 0.30)
+    row("mmr_lambda0.5", "test", 0.090, 0.28)
+    row("mmr_lambda0.3", "val", 0.080, 0.40)  # breaks the 5% recall limit on validation
+    row("mmr_lambda0.3", "test", 0.100, 0.40)
+    best_curve(res, [0.8, 0.5, 0.3])
+    assert res["best_mmr/lambda"] == 0.5
+    assert res["best_mmr/test/recall@10/overall"] == 0.090
+    assert res["best_mmr/test/ild_gain"] == pytest.approx(0.28 / 0.20 - 1)
+    assert res["best_mmr/test/recall_ratio"] == pytest.approx(0.9)
