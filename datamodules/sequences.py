@@ -175,6 +175,12 @@ class SequenceDataModule(L.LightningDataModule):
                                   "(train_periods / eval_period / seen_periods)")
         return self.dataset
 
+    def prepare_data(self) -> None:
+        # Lightning calls this on the first process of each node before setup: with a prepared folder, that process
+        # prepares it and the other ranks (waiting on its lock) memory-map the result instead of preparing again.
+        if self.prepared_dir:
+            self.load()
+
     def setup(self, stage: str | None = None) -> None:
         self.load()
 

@@ -90,6 +90,19 @@ def atomic_torch_save(obj, path: str | os.PathLike) -> Path:
 
 
 # ----------------------------------------------------------------------------- folders that are ours
+@contextlib.contextmanager
+def exclusive(path: str | os.PathLike, what: str = "folder"):
+    """Hold an inter-process lock beside ``path`` (``.<name>.lock`` in its parent): the first process (DDP rank,
+    or a concurrent run sharing a cache) does the work, the others wait for it and then reuse the result."""
+    from filelock import FileLock
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(path.parent / f".{path.name}.lock"))
+    with lock:
+        yield
+
+
 def read_marker(path: str | os.PathLike) -> dict | None:
     """The marker of a folder we wrote, or None."""
     p = Path(path) / MARKER

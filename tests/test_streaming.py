@@ -4,6 +4,7 @@ shard correctly across DDP ranks."""
 
 import json
 import pickle
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -328,3 +329,42 @@ def test_lightning_sampler_injection_keeps_the_batch_gather(module_dm):
     a = list(RandomSampler(loader.dataset))
     torch.manual_seed(0)
     assert [int(i) for i in ShuffleSampler(loader.dataset)] == a  # same shuffle as before: same metrics
+
+
+def _prepare_in_process(args):
+    prepared, counter, rank = args
+    import os
+
+    os.environ["LOCAL_RANK"] = str(rank)
+    from genrec.data import pipeline
+
+    real = pipeline.prepare
+
+    def counting(cfg):
+        with open(counter, "a") as fh:
+            fh.write(f"{rank}\n")
+        return real(cfg)
+
+    pipeline.prepare = counting
+    ds = pipeline.load_or_prepare(SYNTH, prepared, overwrite=True)
+    return ds.fingerprint
+
+
+def test_two_ranks_preparing_one_folder_prepare_it_once(tmp_path):
+    """DDP ranks build their datamodules before a process group exists: the folder's lock makes one of them prepare
+    (and, with overwrite, only rank 0 re-prepares) while the other waits and reads the finished folder."""
+    import multiprocessing as mp
+
+    prepared, counter = str(tmp_path / "prepared"), str(tmp_path / "calls.txt")
+    with mp.get_context("spawn").Pool(2) as pool:
+        a, b = pool.map(_prepare_in_process, [(prepared, counter, 0), (prepared, counter, 1)])
+    calls = Path(counter).read_text().split()
+    assert a == b
+    # rank 0 always prepares (overwrite); rank 1 prepares only if it took the lock first and found no folder
+    assert calls.count("0") == 1 and calls.count("1") <= 1
+    assert len(list((tmp_path).glob(".prepared.lock"))) == 1
+    # a rank other than 0 started after the folder exists reuses it even when asked to overwrite
+    later = str(tmp_path / "later.txt")
+    with mp.get_context("spawn").Pool(1) as pool:
+        (c,) = pool.map(_prepare_in_process, [(prepared, later, 1)])
+    assert c == a and not Path(later).exists()

@@ -70,11 +70,21 @@ def encode_texts(
     normalize: bool = True,
     show_progress: bool = True,
 ) -> np.ndarray:
-    """float32 (n, dim) embeddings; cached texts are read back, new ones encoded and appended atomically."""
+    """float32 (n, dim) embeddings; cached texts are read back, new ones encoded and appended atomically (under a
+    lock, so concurrent runs or DDP ranks sharing the cache encode once and never drop each other's rows)."""
+    path = _cache_file(cache_dir, model_name) if cache_dir else None
+    if path is None:
+        return _encode(texts, model_name, None, batch_size, device, normalize, show_progress)
+    from genrec.files import exclusive
+
+    with exclusive(path):
+        return _encode(texts, model_name, path, batch_size, device, normalize, show_progress)
+
+
+def _encode(texts, model_name, path, batch_size, device, normalize, show_progress) -> np.ndarray:
     hashes = text_hashes(texts)
     cached_keys = np.array([], dtype=hashes.dtype)
     cached = None
-    path = _cache_file(cache_dir, model_name) if cache_dir else None
     if path is not None and path.exists():
         with np.load(path, allow_pickle=False) as z:
             cached_keys, cached = z["keys"], z["embeddings"]

@@ -48,7 +48,7 @@ from genrec.data.splits import (
 from genrec.data.stream import Stream
 from genrec.data.text import item_texts
 from genrec.errors import RunMismatchError
-from genrec.files import atomic_write_json, read_marker, staged_dir
+from genrec.files import atomic_write_json, exclusive, read_marker, staged_dir
 
 FORMAT_VERSION = 2  # 1: every instance's history materialised in instances.parquet
 PREPARED_KIND = "prepared"
@@ -400,19 +400,30 @@ def load_or_prepare(cfg: DataConfig, prepared_dir: str | os.PathLike | None, ove
                     ) -> PreparedDataset:
     """The prepared dataset of ``cfg``, cached in ``prepared_dir``: reused only when it was made from the same
     data settings and unchanged source files (else an error says what differs; ``overwrite`` re-prepares)."""
-    if prepared_dir and not overwrite and read_marker(prepared_dir) is not None:
-        path = Path(prepared_dir)
-        meta = json.loads((path / "meta.json").read_text())
-        hint = f"use another prepared folder, or pass overwrite to re-prepare {path}"
-        require_same(meta.get("content_config") or content_config(meta["config"]), content_config(cfg), f"prepared folder {path}", hint)
-        if meta.get("sources", {}) != source_fingerprint(cfg):
-            raise RunMismatchError(f"prepared folder {path}: its source files changed since it was prepared "
-                                   f"(size or modification time); {hint}")
-        return _with_request(PreparedDataset.load(path), cfg)
-    ds = prepare(cfg)
-    if prepared_dir:  # the saved folder, memory-mapped: what every later run (and every other rank) reads
+    if not prepared_dir:
+        return prepare(cfg)
+    # One process prepares, the others (DDP ranks, which build their datamodules before any process group exists,
+    # and concurrent runs sharing the cache) wait for it and read the finished folder. Only the first rank
+    # overwrites: the others reuse its result, and the source check below still refuses a stale folder loudly.
+    overwrite = overwrite and not _secondary_rank()
+    with exclusive(prepared_dir):
+        if not overwrite and read_marker(prepared_dir) is not None:
+            path = Path(prepared_dir)
+            meta = json.loads((path / "meta.json").read_text())
+            hint = f"use another prepared folder, or pass overwrite to re-prepare {path}"
+            require_same(meta.get("content_config") or content_config(meta["config"]), content_config(cfg),
+                         f"prepared folder {path}", hint)
+            if meta.get("sources", {}) != source_fingerprint(cfg):
+                raise RunMismatchError(f"prepared folder {path}: its source files changed since it was prepared "
+                                       f"(size or modification time); {hint}")
+            return _with_request(PreparedDataset.load(path), cfg)
+        ds = prepare(cfg)  # the saved folder, memory-mapped: what every later run (and every other rank) reads
         return _with_request(PreparedDataset.load(ds.save(prepared_dir, overwrite=overwrite)), cfg)
-    return ds
+
+
+def _secondary_rank() -> bool:
+    """A non-first process of a distributed launch (torchrun sets RANK; Lightning's launcher LOCAL_RANK/NODE_RANK)."""
+    return any(int(os.environ.get(k, "0") or 0) > 0 for k in ("RANK", "LOCAL_RANK", "NODE_RANK"))
 
 
 def _with_request(ds: PreparedDataset, cfg: DataConfig) -> PreparedDataset:
