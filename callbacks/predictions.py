@@ -32,6 +32,7 @@ class RecommendationWriter(L.Callback):
         self._users: list[torch.Tensor] = []
         self._items: list[torch.Tensor] = []
         self._scores: list[torch.Tensor] = []
+        self._index: list[torch.Tensor] = []
 
     def on_predict_start(self, trainer, pl_module) -> None:
         path = Path(self.output_path)
@@ -42,20 +43,42 @@ class RecommendationWriter(L.Callback):
                               "--trainer.callbacks.init_args.overwrite true (or another output_path) to replace it")
 
     def on_predict_epoch_start(self, trainer, pl_module) -> None:
-        self._users, self._items, self._scores = [], [], []
+        self._users, self._items, self._scores, self._index = [], [], [], []
 
     def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
         self._users.append(batch["user"].detach().cpu())
         self._items.append(outputs["items"].detach().cpu())
         self._scores.append(outputs["scores"].detach().float().cpu())
+        if "index" in batch:
+            self._index.append(batch["index"].detach().cpu())
+
+    def gathered(self, trainer, pl_module) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(users, items, scores) of every instance once, in instance order: under DDP each rank predicted its
+        share (the sampler pads with repeats), so rank 0 gathers all shares and keeps one row per instance index."""
+        parts = [torch.cat(x) if x else None for x in (self._users, self._items, self._scores, self._index)]
+        if trainer.world_size > 1:
+            if parts[3] is None:
+                raise RuntimeError("RecommendationWriter under DDP needs batch['index'] (SequenceDataModule's "
+                                   "batches carry it) to de-duplicate the ranks' padded shares")
+            n = len(parts[3])
+            sizes = pl_module.all_gather(torch.tensor(n, device=pl_module.device)).reshape(-1).tolist()
+            pad = max(sizes) - n
+            padded = [torch.cat([x, x[:1].expand(pad, *x.shape[1:])]) if pad else x for x in parts]
+            gathered = [pl_module.all_gather(x.to(pl_module.device)).cpu() for x in padded]
+            parts = [torch.cat([g[r, : sizes[r]] for r in range(len(sizes))]) for g in gathered]
+        users, items, scores, index = (None if x is None else x.numpy() for x in parts)
+        if index is not None:
+            _, first = np.unique(index, return_index=True)  # sorted by instance index, padding repeats dropped
+            users, items, scores = users[first], items[first], scores[first]
+        return users, items, scores
 
     def on_predict_epoch_end(self, trainer, pl_module) -> None:
-        if not trainer.is_global_zero or not self._items:
+        if not self._items:
+            return
+        users, items, scores = self.gathered(trainer, pl_module)  # every rank takes part in the gather
+        if not trainer.is_global_zero:
             return
         ds = trainer.datamodule.load()
-        users = torch.cat(self._users).numpy()
-        items = torch.cat(self._items).numpy()
-        scores = torch.cat(self._scores).numpy()
         k = items.shape[1]
         valid = items >= 0  # empty slots (catalogue smaller than K) are not written
         row_user = np.repeat(users, k)[valid.reshape(-1)]

@@ -111,3 +111,29 @@ def test_wandb_offline_logging_of_results_table_and_sid_artifact(tmp_path, monke
     assert not (tmp_path / "wandb" / "sid_table.parquet").exists()  # never a file shared by runs
     logger.experiment.finish()
     assert list((tmp_path / "wandb" / "wandb").glob("offline-run-*"))
+
+
+@pytest.mark.slow
+def test_predict_under_two_ddp_processes_writes_every_instance_once(tmp_path):
+    """Each DDP rank predicts its (padded) share; the writer gathers them on rank 0 and writes the single-process
+    file: same rows, same order."""
+    import pandas as pd
+
+    from callbacks.predictions import RecommendationWriter
+
+    L.seed_everything(0)
+    dm = small_dm(tmp_path)
+    model = TigerModule(TINY, num_levels=2, codebook_size=16, suffix_size=16, rkmeans_iters=5, ks=(5,), num_beams=5)
+    trainer(tmp_path, max_epochs=1).fit(model, datamodule=dm)
+    single = tmp_path / "single.parquet"
+    trainer(tmp_path, callbacks=[RecommendationWriter(str(single))]).predict(model, datamodule=dm)
+    ddp_out = tmp_path / "ddp.parquet"
+    ddp = L.Trainer(accelerator="cpu", devices=2, strategy="ddp_spawn", logger=False, enable_progress_bar=False,
+                    enable_model_summary=False, default_root_dir=str(tmp_path), enable_checkpointing=False,
+                    callbacks=[RecommendationWriter(str(ddp_out))])
+    ddp.predict(model, datamodule=small_dm(tmp_path))
+    a, b = pd.read_parquet(single), pd.read_parquet(ddp_out)
+    n_test = len(dm.eval_instances(2))
+    assert len(a) == 5 * n_test and n_test % 2 == 1  # an odd count: rank 1's share is padded with a repeat
+    pd.testing.assert_frame_equal(a[["user_id", "rank", "item_id"]], b[["user_id", "rank", "item_id"]])
+    np.testing.assert_allclose(a["score"], b["score"], rtol=1e-5, atol=1e-5)
