@@ -309,6 +309,39 @@ def test_auto_lambda_applies_no_edit_when_every_candidate_hurts_warm(trained, mo
     assert "dropped warm" in cb.report.selection["reason"]
 
 
+def test_auto_lambda_applies_exactly_the_best_candidate_within_the_warm_limit(trained, monkeypatch):
+    """Smaller λ edits harder: more cold gain, more warm loss. The callback must apply the λ with the largest cold
+    validation gain among those within 5% warm NDCG, and the edit module must carry that λ."""
+    module, dm, _ = fresh(trained)
+    cfg = dataclasses.replace(FAST, cov_lambda="auto", auto_lambda_ratios=[0.25, 1.0, 4.0], diagnostic_rows=0)
+    cb = GenRecEditCallback(cfg)
+    seen = []
+
+    def fake_eval(loader, prefix="val"):
+        if module.edit is None:
+            return {"val/recall@10/cold": 0.0, "val/ndcg@10/cold": 0.0, "val/ndcg@10/warm": 0.100}
+        ratio = module.edit.cov_lambda / m_requests[0]
+        seen.append(ratio)
+        cold, warm = {0.25: (0.30, 0.090), 1.0: (0.20, 0.096), 4.0: (0.10, 0.099)}[round(ratio, 2)]
+        return {"val/recall@10/cold": cold, "val/ndcg@10/cold": cold / 2, "val/ndcg@10/warm": warm}
+
+    m_requests = []
+    monkeypatch.setattr(module, "evaluate_loader", fake_eval)
+    from genrec.editing.select import candidate_lambdas as real_candidates
+
+    def recording(m, ratios):
+        m_requests.append(m)
+        return real_candidates(m, ratios)
+
+    monkeypatch.setattr("callbacks.genrecedit.candidate_lambdas", recording)
+    edits = cb.apply(module, dm)
+    assert sorted(round(r, 2) for r in seen) == [0.25, 1.0, 4.0]  # every candidate evaluated once
+    assert edits is not None and module.edit is edits
+    assert edits.cov_lambda == pytest.approx(1.0 * m_requests[0])  # 0.25 breaks the warm limit (−10%)
+    assert cb.report.selection["cov_lambda"] == pytest.approx(edits.cov_lambda) and cb.metrics["edit/applied"] == 1.0
+    cb.remove(module)
+
+
 def test_one_seed_reaches_the_pseudo_histories(trained):
     _, dm, _ = fresh(trained)
     ds = dm.load()
