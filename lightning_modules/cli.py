@@ -18,6 +18,7 @@ import datamodules.sequences  # noqa: F401
 import lightning_modules.rqvae
 import lightning_modules.tiger  # noqa: F401
 from genrec.checkpoints import read_checkpoint
+from lightning_modules._run_folder import RunFolderConfig
 
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
 
@@ -56,7 +57,8 @@ class GenrecCLI(LightningCLI):
             if isinstance(logger, WandbLogger) and trainer.is_global_zero:
                 summary = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
                 finish_wandb(logger, summary)
-        print(f"outputs: {trainer.log_dir or trainer.default_root_dir}")
+        folder = next((cb.run_dir for cb in trainer.callbacks if isinstance(cb, RunFolderConfig) and cb.run_dir), None)
+        print(f"outputs: {folder or trainer.log_dir or trainer.default_root_dir}")
 
     def after_fit(self) -> None:
         ckpt = self.trainer.checkpoint_callback
@@ -73,6 +75,7 @@ def run_lightning_cli(argv: list[str]) -> LightningCLI:
     return GenrecCLI(
         subclass_mode_model=True,
         subclass_mode_data=True,
+        save_config_callback=RunFolderConfig,  # config.yaml, best.ckpt, last.ckpt in one folder per run
         save_config_kwargs={"overwrite": True},
         parser_kwargs={"default_env": False, **no_exit, **{s: dict(no_exit) for s in SUBCOMMANDS}},
         args=argv,

@@ -1,6 +1,6 @@
 """`genrec edit`: inject a period's cold-start items into a trained TIGER checkpoint with GenRecEdit.
 
-    genrec edit --ckpt_path runs/.../last.ckpt --config configs/edit/office_products_2018_d3.yaml \
+    genrec edit --ckpt_path runs/office_products_2018_d3/tiger/fit-<id>/best.ckpt --config configs/edit/office_products_2018_d3.yaml \
         [--cold_period P] [--items FILE] [--edit.cov_lambda 1000] [--output_dir DIR]
 
 Loads the TigerModule (``load_from_checkpoint(..., weights_only=True)``; the checkpoint carries its SID table),

@@ -74,10 +74,17 @@ def test_cli_fit_then_validate_from_checkpoint(monkeypatch, tmp_path):
     common = ["--config", str(REPO / "configs/tiger/synthetic.yaml"), "--trainer.logger", "false",
               "--data.init_args.data.synthetic.num_users", "100", "--data.init_args.data.synthetic.num_items", "60",
               "--trainer.enable_progress_bar", "false", "--trainer.limit_val_batches", "1"]
-    main(["fit", *common, "--trainer.max_epochs", "1", "--trainer.check_val_every_n_epoch", "1"])
-    ckpt = next(tmp_path.rglob("last.ckpt"))
-    main(["validate", *common, "--ckpt_path", str(ckpt)])
-    assert (tmp_path / "runs/synthetic/tiger").exists()
+    fit = ["fit", *common, "--trainer.max_epochs", "1", "--trainer.check_val_every_n_epoch", "1"]
+    main(fit)
+    root = tmp_path / "runs/synthetic/tiger"
+    (run,) = root.glob("fit-*")  # one folder per run: its config and its two checkpoints side by side
+    assert {"config.yaml", "best.ckpt", "last.ckpt"} <= {p.name for p in run.iterdir()}
+    main(["validate", *common, "--ckpt_path", str(run / "best.ckpt")])
+    (val,) = root.glob("validate-*")
+    assert (val / "config.yaml").exists() and not list(val.glob("*.ckpt"))
+    main(fit)  # a second run never overwrites the first one's config or checkpoints
+    runs = sorted(root.glob("fit-*"))
+    assert len(runs) == 2 and all((r / "config.yaml").exists() and (r / "best.ckpt").exists() for r in runs)
 
 
 @pytest.mark.slow
