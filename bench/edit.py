@@ -43,7 +43,8 @@ def main(argv=None) -> dict:
     p.add_argument("--scale", action="store_true", help="only the 10,000-cold-item scaling run")
     p.add_argument("--scale_items", type=int, default=10_000)
     p.add_argument("--ckpt", default=None, help="reuse a trained base TigerModule checkpoint")
-    p.add_argument("--save_ckpt", default=None, help="save the trained base model here (reuse with --ckpt)")
+    p.add_argument("--save_ckpt", default=None,
+                   help="save the trained base model here (reuse with --ckpt); `{seed}` in the path = one per seed")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     p.add_argument("--skip_ablations", action="store_true", help="no ablation / upper-bound rows")
     p.add_argument("--skip_baselines", action="store_true", help="no retrain / finetune rows (and no time ratio)")
@@ -51,6 +52,8 @@ def main(argv=None) -> dict:
                    help="fix λ of the edited row and the ablations (default: EditConfig's `auto`, chosen on validation)")
     p.add_argument("--histories_per_item", type=int, default=None,
                    help="pseudo histories per cold item (default: EditConfig's, 10)")
+    p.add_argument("--num_neighbours", type=int, default=None,
+                   help="warm text neighbours per cold item the pseudo histories come from (default EditConfig's 10)")
     p.add_argument("--pseudo_policy", choices=("script", "notebook"), default=None,
                    help="pseudo-history generator for every row (default: EditConfig's, the released script)")
     p.add_argument("--cold_items", choices=("new", "unseen"), default="new",
@@ -211,10 +214,12 @@ def _run_one(args, work: str) -> tuple[dict, dict]:
     L.seed_everything(args.seed, verbose=False)
     results: dict = {}
     if args.ckpt:
-        base = TigerModule.load_from_checkpoint(args.ckpt, map_location="cpu", weights_only=True)
+        base = TigerModule.load_from_checkpoint(args.ckpt.format(seed=args.seed), map_location="cpu",
+                                                weights_only=True)
     else:
         base = make_module()
-        results["seconds/train_base"] = timed_fit(base, dm, epochs, save_to=args.save_ckpt)
+        save_to = args.save_ckpt.format(seed=args.seed) if args.save_ckpt else None
+        results["seconds/train_base"] = timed_fit(base, dm, epochs, save_to=save_to)
     state = {k: v.detach().clone() for k, v in base.state_dict().items()}
     table = base.sid_table
     train = dm.split(TRAIN, dm.seen_periods)
@@ -227,11 +232,14 @@ def _run_one(args, work: str) -> tuple[dict, dict]:
         edit_cfg = dataclasses.replace(edit_cfg, histories_per_item=args.histories_per_item)
     if args.pseudo_policy is not None:
         edit_cfg = dataclasses.replace(edit_cfg, pseudo_policy=args.pseudo_policy)
+    if args.num_neighbours is not None:
+        edit_cfg = dataclasses.replace(edit_cfg, num_neighbours=args.num_neighbours)
     results["config/cov_lambda"] = edit_cfg.cov_lambda
     results["config/cold_items"] = args.cold_items
     results["config/d_ff"] = base.t5.config.d_ff
     results["config/histories_per_item"] = edit_cfg.histories_per_item
     results["config/pseudo_policy"] = edit_cfg.pseudo_policy
+    results["config/num_neighbours"] = edit_cfg.num_neighbours
 
     if args.scale:
         # 10,000 synthetic cold items: fresh SIDs (unique suffixes) and embeddings near random warm items.
