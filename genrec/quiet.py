@@ -21,6 +21,8 @@ _HINTS = (
     r".*Checkpoint directory .* exists and is not empty.*",
     r".*GPU available but not used.*",
     r".*The '.*_dataloader' does not have many workers.*",
+    # our epoch metrics are torchmetrics states already reduced across ranks, so sync_dist would reduce twice
+    r".*sync_dist=True.*when logging on epoch level in distributed setting.*",
 )
 
 

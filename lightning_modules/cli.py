@@ -58,11 +58,12 @@ class GenrecCLI(LightningCLI):
                 summary = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
                 finish_wandb(logger, summary)
         folder = next((cb.run_dir for cb in trainer.callbacks if isinstance(cb, RunFolderConfig) and cb.run_dir), None)
-        print(f"outputs: {folder or trainer.log_dir or trainer.default_root_dir}")
+        if trainer.is_global_zero:
+            print(f"outputs: {folder or trainer.log_dir or trainer.default_root_dir}")
 
     def after_fit(self) -> None:
         ckpt = self.trainer.checkpoint_callback
-        if ckpt is not None and getattr(ckpt, "best_model_path", ""):
+        if ckpt is not None and getattr(ckpt, "best_model_path", "") and self.trainer.is_global_zero:
             print(f"best checkpoint: {ckpt.best_model_path}")
         self._finish_loggers()
 
