@@ -240,6 +240,79 @@ def _validate(model, input_ids, attention_mask) -> None:
         )
 
 
+def _masked_step(logp: torch.Tensor, trie: SidTrie, t: int, node: torch.Tensor) -> torch.Tensor:
+    """(N, level_sizes[t]) log-probs of position t's values; values that leave the trie are -inf.
+
+    Only position t's token range is kept, so top-k runs over its values, not the whole vocabulary.
+    """
+    offset, width = trie.level_offsets[t], trie.level_sizes[t]
+    return logp[:, offset : offset + width].masked_fill(~trie.allowed(t, node).to(logp.device), float("-inf"))
+
+
+def _top_beams(
+    beam_scores: torch.Tensor, step_lp: torch.Tensor, arange_b: torch.Tensor, width: int, num_beams: int
+):
+    """Best ``num_beams`` (beam, value) extensions of each history, over all its G beams in one top-k.
+
+    ``beam_scores`` (B, G), ``step_lp`` (B * G, width). Returns the new (B, keep) scores, the decoder row
+    each one extends (B * keep,) and its value (B * keep,).
+    """
+    bsz, group = beam_scores.shape
+    cand = (beam_scores.reshape(-1, 1) + step_lp).reshape(bsz, group * width)
+    beam_scores, flat = cand.topk(min(num_beams, group * width), dim=1)
+    origin = (arange_b * group + torch.div(flat, width, rounding_mode="floor")).reshape(-1)
+    return beam_scores, origin, (flat % width).reshape(-1)
+
+
+def _extend(seqs: torch.Tensor, origin: torch.Tensor, tokens: torch.Tensor, keep: int) -> torch.Tensor:
+    """(B, G, t) sequences → (B, keep, t+1): the parent sequence (decoder row ``origin``) of each kept beam
+    plus its new token (``tokens``, B * keep values in row order)."""
+    bsz, group, _ = seqs.shape
+    return torch.cat(
+        [seqs.reshape(bsz * group, -1)[origin].reshape(bsz, keep, -1), tokens.reshape(bsz, keep, 1)], dim=2
+    )
+
+
+def _cut_to_top_k(items, scores, seqs, top_k: int, return_tokens: bool):
+    """Ranked (B, R) slots → exactly ``top_k``; empty slots are appended when R < top_k (a catalogue
+    smaller than the beam at some step)."""
+    rows = scores.shape[1]
+    if rows < top_k:
+        pad = top_k - rows
+        items = F.pad(items, (0, pad), value=-1)
+        scores = F.pad(scores, (0, pad), value=float("-inf"))
+        seqs = F.pad(seqs, (0, 0, 0, pad), value=PAD_TOKEN)
+    out = (items[:, :top_k], scores[:, :top_k])
+    return (*out, seqs[:, :top_k]) if return_tokens else out
+
+
+def _beam_decode(dec: CachedT5Decoder, trie: SidTrie, num_beams: int, edit, unconstrained: bool):
+    """The L+1 beam steps. Returns scores (B, G), tokens (B, G, L+1) and the beams' trie nodes (B * G,)
+    (still the roots when unconstrained: the trie is not walked then)."""
+    bsz, depth, device = dec.batch_size, trie.sid_length, dec.cross_bias.device
+    vocab = dec.model.config.vocab_size
+    arange_b = torch.arange(bsz, device=device)[:, None]
+    beam_scores = torch.zeros(bsz, 1, device=device)
+    seqs = torch.zeros(bsz, 1, 0, dtype=torch.long, device=device)
+    node = trie.root(bsz).to(device)
+    tokens_in = torch.full((bsz,), PAD_TOKEN, dtype=torch.long, device=device)
+    for t in range(depth):
+        logp = F.log_softmax(dec.step(tokens_in, edit).float(), dim=-1)
+        if unconstrained:
+            offset, width, step_lp = 0, vocab, logp
+        else:
+            offset, width = trie.level_offsets[t], trie.level_sizes[t]
+            step_lp = _masked_step(logp, trie, t, node)
+        beam_scores, origin, value = _top_beams(beam_scores, step_lp, arange_b, width, num_beams)
+        tokens_in = value + offset
+        seqs = _extend(seqs, origin, tokens_in, beam_scores.shape[1])
+        if not unconstrained:
+            node = trie.advance(t, node[origin], value).to(device)
+        if t + 1 < depth:
+            dec.reorder(origin, beam_scores.shape[1])
+    return beam_scores, seqs, node
+
+
 @torch.no_grad()
 def constrained_beam_search(
     model: T5ForConditionalGeneration,
@@ -278,60 +351,19 @@ def constrained_beam_search(
     _validate(model, input_ids, attention_mask)
     if not 1 <= top_k <= num_beams:
         raise ValueError(f"top_k must lie in [1, num_beams={num_beams}], got {top_k}")
-    depth = trie.sid_length
-    bsz = input_ids.shape[0]
     with eval_mode(model):
-        dec = CachedT5Decoder(model, input_ids, attention_mask, max_steps=depth)
-        device = dec.cross_bias.device
-        vocab = model.config.vocab_size
-        arange_b = torch.arange(bsz, device=device)[:, None]
-        group = 1
-        beam_scores = torch.zeros(bsz, 1, device=device)
-        seqs = torch.zeros(bsz, 1, 0, dtype=torch.long, device=device)
-        node = trie.root(bsz).to(device)
-        tokens_in = torch.full((bsz,), PAD_TOKEN, dtype=torch.long, device=device)
-        for t in range(depth):
-            logp = F.log_softmax(dec.step(tokens_in, edit).float(), dim=-1)
-            if unconstrained:
-                offset, width, step_lp = 0, vocab, logp
-            else:
-                offset, width = trie.level_offsets[t], trie.level_sizes[t]
-                step_lp = logp[:, offset : offset + width].masked_fill(
-                    ~trie.allowed(t, node).to(device), float("-inf")
-                )
-            cand = (beam_scores.reshape(-1, 1) + step_lp).reshape(bsz, group * width)
-            keep = min(num_beams, group * width)
-            beam_scores, flat = cand.topk(keep, dim=1)
-            origin = (arange_b * group + torch.div(flat, width, rounding_mode="floor")).reshape(-1)
-            value = (flat % width).reshape(-1)
-            seqs = torch.cat(
-                [
-                    seqs.reshape(bsz * group, -1)[origin].reshape(bsz, keep, -1),
-                    (value + offset).reshape(bsz, keep, 1),
-                ],
-                dim=2,
-            )
-            if not unconstrained:
-                node = trie.advance(t, node[origin], value).to(device)
-            tokens_in = value + offset
-            group = keep
-            if t + 1 < depth:
-                dec.reorder(origin, group)
+        dec = CachedT5Decoder(model, input_ids, attention_mask, max_steps=trie.sid_length)
+        beam_scores, seqs, node = _beam_decode(dec, trie, num_beams, edit, unconstrained)
 
+    device = dec.cross_bias.device
     if unconstrained:
         items = trie.items_of_tokens(seqs).to(device)
     else:
-        items = trie.items_of_leaves(node).to(device).reshape(bsz, group)
+        items = trie.items_of_leaves(node).to(device).reshape(beam_scores.shape)
     dead = torch.isinf(beam_scores)
     items = items.masked_fill(dead, -1)
     seqs = seqs.masked_fill(dead[..., None], PAD_TOKEN)
-    if group < top_k:  # catalogue smaller than the beam at some step
-        pad = top_k - group
-        items = F.pad(items, (0, pad), value=-1)
-        beam_scores = F.pad(beam_scores, (0, pad), value=float("-inf"))
-        seqs = F.pad(seqs, (0, 0, 0, pad), value=PAD_TOKEN)
-    out = (items[:, :top_k], beam_scores[:, :top_k])
-    return (*out, seqs[:, :top_k]) if return_tokens else out
+    return _cut_to_top_k(items, beam_scores, seqs, top_k, return_tokens)
 
 
 def score_sids(

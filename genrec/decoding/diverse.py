@@ -29,7 +29,14 @@ import torch
 import torch.nn.functional as F
 from transformers import T5ForConditionalGeneration
 
-from genrec.decoding.beam_search import CachedT5Decoder, _validate, eval_mode
+from genrec.decoding.beam_search import (
+    CachedT5Decoder,
+    _cut_to_top_k,
+    _extend,
+    _masked_step,
+    _validate,
+    eval_mode,
+)
 from genrec.decoding.rerank import first_occurrence
 from genrec.decoding.trie import SidTrie
 from genrec.models.ffn_edit import FFNEdit
@@ -42,6 +49,72 @@ def _rank_unique(items: torch.Tensor, scores: torch.Tensor) -> tuple[torch.Tenso
     keep = first_occurrence(items.gather(1, order))  # best occurrence of each item
     last = torch.sort((~keep).to(torch.int8), dim=1, stable=True).indices
     return order.gather(1, last), keep.gather(1, last)
+
+
+def _select_groups(
+    scores: torch.Tensor, step_lp: torch.Tensor, group_rows: list[torch.Tensor], group_size: int, penalty: float
+):
+    """One step's selection, group after group (module docstring): group g takes its top ``group_size``
+    extensions of its own rows by true log-prob − penalty · (earlier groups' picks of the same value).
+
+    ``scores`` (B, R) true log-probs of the decoder rows, ``step_lp`` (B, R, W). Returns the new true
+    scores, parent rows (within the history) and values, each (B, R') with every group's beams
+    consecutive in group order, and the groups' sizes.
+    """
+    bsz, _, width = step_lp.shape
+    used = torch.zeros(bsz, width, device=step_lp.device)  # earlier groups' picks of each value at this step
+    new_scores, parents, values = [], [], []
+    for rows in group_rows:
+        n = rows.shape[0]
+        cand = (scores[:, rows, None] + step_lp[:, rows]).reshape(bsz, n * width)  # (B, n·W) true
+        pen = (penalty * used).repeat(1, n)  # (B, n·W) same value → same penalty, any parent
+        keep = min(group_size, n * width)
+        flat = (cand - pen).topk(keep, dim=1).indices  # (B, keep)
+        value = flat % width
+        true = cand.gather(1, flat)
+        used.scatter_add_(1, value, torch.isfinite(true).float())  # dead beams do not count
+        new_scores.append(true)
+        parents.append(rows[torch.div(flat, width, rounding_mode="floor")])
+        values.append(value)
+    sizes = [v.shape[1] for v in values]
+    scores, parent, value = (torch.cat(x, dim=1) for x in (new_scores, parents, values))  # (B, R')
+    return scores, parent, value, sizes
+
+
+def _diverse_decode(dec: CachedT5Decoder, trie: SidTrie, num_groups: int, group_size: int, penalty: float, edit):
+    """The L+1 steps of all groups. Returns true scores (B, R), tokens (B, R, L+1), trie leaves (B * R,)."""
+    bsz, depth, device = dec.batch_size, trie.sid_length, dec.cross_bias.device
+    arange_b = torch.arange(bsz, device=device)[:, None]
+    scores = torch.zeros(bsz, 1, device=device)  # (B, R) true log-prob of each decoder row
+    seqs = torch.zeros(bsz, 1, 0, dtype=torch.long, device=device)  # (B, R, t)
+    node = trie.root(bsz).to(device)  # (B * R,)
+    # Decoder rows (within a history) holding each group's beams; at step 0 all share the root row.
+    group_rows = [torch.zeros(1, dtype=torch.long, device=device)] * num_groups
+    tokens_in = torch.full((bsz,), PAD_TOKEN, dtype=torch.long, device=device)
+    for t in range(depth):
+        offset, width, rows_per_hist = trie.level_offsets[t], trie.level_sizes[t], scores.shape[1]
+        logp = F.log_softmax(dec.step(tokens_in, edit).float(), dim=-1)
+        step_lp = _masked_step(logp, trie, t, node).reshape(bsz, rows_per_hist, width)  # (B, R, W)
+        scores, parent, value, sizes = _select_groups(scores, step_lp, group_rows, group_size, penalty)
+        origin = (arange_b * rows_per_hist + parent).reshape(-1)  # absolute decoder rows
+        tokens = value + offset
+        seqs = _extend(seqs, origin, tokens, sum(sizes))
+        node = trie.advance(t, node[origin], value.reshape(-1)).to(device)
+        tokens_in = tokens.reshape(-1)
+        starts = [sum(sizes[:g]) for g in range(num_groups)]
+        group_rows = [torch.arange(s, s + n, device=device) for s, n in zip(starts, sizes)]
+        if t + 1 < depth:
+            dec.reorder(origin, sum(sizes))
+    return scores, seqs, node
+
+
+def _rank_results(items: torch.Tensor, scores: torch.Tensor, seqs: torch.Tensor):
+    """All groups' slots ranked by score, one per item (its best); repeats become empty slots, moved last."""
+    order, keep = _rank_unique(items, scores)
+    items = items.gather(1, order).masked_fill(~keep, -1)
+    scores = scores.gather(1, order).masked_fill(~keep, float("-inf"))
+    seqs = seqs.gather(1, order[..., None].expand_as(seqs)).masked_fill(~keep[..., None], PAD_TOKEN)
+    return items, scores, seqs
 
 
 @torch.no_grad()
@@ -79,61 +152,11 @@ def diverse_beam_search(
         raise ValueError(f"top_k must lie in [1, num_beams={num_beams}], got {top_k}")
     if penalty < 0:
         raise ValueError(f"penalty must be >= 0, got {penalty}")
-    group_size = num_beams // num_groups
-    depth, bsz = trie.sid_length, input_ids.shape[0]
     with eval_mode(model):
-        dec = CachedT5Decoder(model, input_ids, attention_mask, max_steps=depth)
-        device = dec.cross_bias.device
-        arange_b = torch.arange(bsz, device=device)[:, None]
-        rows_per_hist = 1
-        scores = torch.zeros(bsz, 1, device=device)  # (B, R) true log-prob of each decoder row
-        seqs = torch.zeros(bsz, 1, 0, dtype=torch.long, device=device)  # (B, R, t)
-        node = trie.root(bsz).to(device)  # (B * R,)
-        # Decoder rows (within a history) holding each group's beams; at step 0 all share the root row.
-        group_rows = [torch.zeros(1, dtype=torch.long, device=device)] * num_groups
-        tokens_in = torch.full((bsz,), PAD_TOKEN, dtype=torch.long, device=device)
-        for t in range(depth):
-            offset, width = trie.level_offsets[t], trie.level_sizes[t]
-            logp = F.log_softmax(dec.step(tokens_in, edit).float(), dim=-1)
-            step_lp = logp[:, offset : offset + width].masked_fill(~trie.allowed(t, node).to(device), float("-inf"))
-            step_lp = step_lp.reshape(bsz, rows_per_hist, width)  # (B, R, W)
-            used = torch.zeros(bsz, width, device=device)  # earlier groups' picks of each value at step t
-            new_scores, parents, values = [], [], []
-            for rows in group_rows:
-                n = rows.shape[0]
-                cand = (scores[:, rows, None] + step_lp[:, rows]).reshape(bsz, n * width)  # (B, n·W) true
-                pen = (penalty * used).repeat(1, n)  # (B, n·W) same value → same penalty, any parent
-                keep = min(group_size, n * width)
-                flat = (cand - pen).topk(keep, dim=1).indices  # (B, keep)
-                value = flat % width
-                true = cand.gather(1, flat)
-                used.scatter_add_(1, value, torch.isfinite(true).float())  # dead beams do not count
-                new_scores.append(true)
-                parents.append(rows[torch.div(flat, width, rounding_mode="floor")])
-                values.append(value)
-            sizes = [v.shape[1] for v in values]
-            scores, parent, value = (torch.cat(x, dim=1) for x in (new_scores, parents, values))  # (B, R')
-            origin = (arange_b * rows_per_hist + parent).reshape(-1)  # absolute decoder rows
-            seqs = torch.cat([seqs.reshape(bsz * rows_per_hist, -1)[origin].reshape(bsz, sum(sizes), -1),
-                              (value + offset)[..., None]], dim=2)
-            node = trie.advance(t, node[origin], value.reshape(-1)).to(device)
-            tokens_in = (value + offset).reshape(-1)
-            rows_per_hist = sum(sizes)
-            starts = [sum(sizes[:g]) for g in range(num_groups)]
-            group_rows = [torch.arange(s, s + n, device=device) for s, n in zip(starts, sizes)]
-            if t + 1 < depth:
-                dec.reorder(origin, rows_per_hist)
+        dec = CachedT5Decoder(model, input_ids, attention_mask, max_steps=trie.sid_length)
+        scores, seqs, node = _diverse_decode(dec, trie, num_groups, num_beams // num_groups, penalty, edit)
 
-    items = trie.items_of_leaves(node).to(device).reshape(bsz, rows_per_hist)
+    items = trie.items_of_leaves(node).to(dec.cross_bias.device).reshape(scores.shape)
     items = items.masked_fill(torch.isinf(scores), -1)
-    order, keep = _rank_unique(items, scores)
-    items = items.gather(1, order).masked_fill(~keep, -1)
-    scores = scores.gather(1, order).masked_fill(~keep, float("-inf"))
-    seqs = seqs.gather(1, order[..., None].expand_as(seqs)).masked_fill(~keep[..., None], PAD_TOKEN)
-    if rows_per_hist < top_k:  # catalogue smaller than the beam at some step
-        pad = top_k - rows_per_hist
-        items = F.pad(items, (0, pad), value=-1)
-        scores = F.pad(scores, (0, pad), value=float("-inf"))
-        seqs = F.pad(seqs, (0, 0, 0, pad), value=PAD_TOKEN)
-    out = (items[:, :top_k], scores[:, :top_k])
-    return (*out, seqs[:, :top_k]) if return_tokens else out
+    items, scores, seqs = _rank_results(items, scores, seqs)
+    return _cut_to_top_k(items, scores, seqs, top_k, return_tokens)

@@ -20,6 +20,7 @@ Histories are item arrays ``(n, N)`` int64, left-padded with -1 (most recent ite
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -148,6 +149,98 @@ def _priority(seed: int, cold_item: np.ndarray, hist_id: np.ndarray) -> np.ndarr
         return _mix64(h ^ hist_id.astype(np.uint64))
 
 
+def _check_pseudo_inputs(cold_items, neighbours, train_history, train_target, histories_per_item: int, policy: str):
+    if policy not in PSEUDO_POLICIES:
+        raise ValueError(f"policy must be one of {PSEUDO_POLICIES}, got {policy!r}")
+    cold_items = np.asarray(cold_items, dtype=np.int64)
+    neighbours = np.asarray(neighbours, dtype=np.int64)
+    train_history, train_target = _check_history(train_history, train_target, "train")
+    if neighbours.ndim != 2 or neighbours.shape[0] != len(cold_items):
+        raise ValueError(f"neighbours must be (c, k) with c = {len(cold_items)} cold items, got {neighbours.shape}")
+    if histories_per_item < 1:
+        raise ValueError(f"histories_per_item must be >= 1, got {histories_per_item}")
+    if np.any(neighbours == cold_items[:, None]):
+        raise ValueError("a cold item is listed as its own neighbour; build neighbours with nearest_neighbours")
+    return cold_items, neighbours, train_history, train_target
+
+
+class _TrainIndex(NamedTuple):
+    """Inverted index target → training rows, and what the draw needs to know of every row."""
+
+    hist_id: np.ndarray  # (n,) id of the row's distinct history
+    n_hist: int  # number of distinct histories (≥ 1)
+    lengths: np.ndarray  # (n,) real (non-padding) items of the history
+    usable: np.ndarray  # (n,) bool: may serve as a pseudo history under the policy
+    order: np.ndarray  # (n,) rows sorted by target (stable)
+    sorted_targets: np.ndarray  # (n,) train_target[order]
+
+
+def _train_index(train_history: np.ndarray, train_target: np.ndarray, policy: str) -> _TrainIndex:
+    # Unique id per distinct history (row content) so duplicates from cumulative training rows collapse.
+    _, hist_id = np.unique(train_history, axis=0, return_inverse=True)
+    hist_id = hist_id.reshape(-1).astype(np.int64)
+    n_hist = int(hist_id.max()) + 1 if len(hist_id) else 1
+    lengths = (train_history >= 0).sum(axis=1)
+    usable = lengths > 0 if policy == "script" else np.ones(len(lengths), dtype=bool)
+    order = np.argsort(train_target, kind="stable")
+    return _TrainIndex(hist_id, n_hist, lengths, usable, order, train_target[order])
+
+
+def _occurrences(neighbours: np.ndarray, c0: int, index: _TrainIndex) -> tuple[np.ndarray, np.ndarray]:
+    """Usable training rows whose target is a neighbour of cold items ``c0, c0 + 1, ..`` (``neighbours`` rows).
+
+    Returns ``(rows, cold_idx)``: one entry per (cold item, neighbour, occurrence).
+    """
+    k = neighbours.shape[1]
+    nb = neighbours.reshape(-1)
+    lo = np.searchsorted(index.sorted_targets, nb, side="left")
+    hi = np.searchsorted(index.sorted_targets, nb, side="right")
+    counts = np.where(nb >= 0, hi - lo, 0)
+    total = int(counts.sum())
+    # Expand every (cold item, neighbour) pair into the training rows where the neighbour is the target.
+    group_start = np.repeat(np.cumsum(counts) - counts, counts)
+    rows = index.order[np.repeat(lo, counts) + (np.arange(total) - group_start)]
+    cold_idx = np.repeat(np.repeat(np.arange(c0, c0 + len(nb) // max(k, 1)), k), counts)
+    keep = index.usable[rows]
+    return rows[keep], cold_idx[keep]
+
+
+def _distinct_histories(rows: np.ndarray, cold_idx: np.ndarray, index: _TrainIndex):
+    """First candidate of each distinct (cold item, history) pair."""
+    _, first = np.unique(cold_idx * index.n_hist + index.hist_id[rows], return_index=True)
+    return rows[first], cold_idx[first]
+
+
+def _choose(rows, cold_idx, cold_items, index: _TrainIndex, histories_per_item: int, seed: int, policy: str):
+    """The ``histories_per_item`` candidates of each cold item that sort first by seeded priority (a uniform
+    draw without replacement, whatever the chunking or candidate order); longest first before that for the
+    notebook policy."""
+    prio = _priority(seed, cold_items[cold_idx], index.hist_id[rows])
+    # lexsort: last key first — per cold item, (longest first for the notebook policy), then priority.
+    by = np.lexsort((prio, -index.lengths[rows], cold_idx) if policy == "notebook" else (prio, cold_idx))
+    rows, cold_idx = rows[by], cold_idx[by]
+    rank = np.arange(len(rows)) - np.searchsorted(cold_idx, cold_idx, side="left")
+    chosen = rank < histories_per_item
+    return rows[chosen], cold_idx[chosen]
+
+
+def _pseudo_stats(
+    n_cold: int, cold_idx: np.ndarray, n_candidates: int, n_unique: int, histories_per_item: int, seed: int, policy: str
+) -> dict:
+    per_item = np.bincount(cold_idx, minlength=n_cold)
+    return {
+        "num_cold_items": n_cold,
+        "num_candidates": int(n_candidates),
+        "num_unique_candidates": int(n_unique),
+        "num_histories": len(cold_idx),
+        "items_without_history": int((per_item == 0).sum()),
+        "mean_histories_per_item": float(per_item.mean()) if len(per_item) else 0.0,
+        "histories_per_item": int(histories_per_item),
+        "seed": int(seed),
+        "policy": policy,
+    }
+
+
 def pseudo_knowledge(
     cold_items: np.ndarray,
     neighbours: np.ndarray,
@@ -170,69 +263,24 @@ def pseudo_knowledge(
     empty prefixes allowed, the longest distinct prefixes are kept (ties by seeded priority) and each is then
     perturbed by :func:`notebook_perturb`; histories are ``NOTEBOOK_EXTRA`` columns wider than ``train_history``.
     """
-    if policy not in PSEUDO_POLICIES:
-        raise ValueError(f"policy must be one of {PSEUDO_POLICIES}, got {policy!r}")
-    cold_items = np.asarray(cold_items, dtype=np.int64)
-    neighbours = np.asarray(neighbours, dtype=np.int64)
-    train_history, train_target = _check_history(train_history, train_target, "train")
-    if neighbours.ndim != 2 or neighbours.shape[0] != len(cold_items):
-        raise ValueError(f"neighbours must be (c, k) with c = {len(cold_items)} cold items, got {neighbours.shape}")
-    if histories_per_item < 1:
-        raise ValueError(f"histories_per_item must be >= 1, got {histories_per_item}")
-    if np.any(neighbours == cold_items[:, None]):
-        raise ValueError("a cold item is listed as its own neighbour; build neighbours with nearest_neighbours")
-
-    # Unique id per distinct history (row content) so duplicates from cumulative training rows collapse.
-    _, hist_id = np.unique(train_history, axis=0, return_inverse=True)
-    hist_id = hist_id.reshape(-1).astype(np.int64)
-    n_hist = int(hist_id.max()) + 1 if len(hist_id) else 1
-    lengths = (train_history >= 0).sum(axis=1)
-    usable = lengths > 0 if policy == "script" else np.ones(len(lengths), dtype=bool)
-    order = np.argsort(train_target, kind="stable")
-    sorted_targets = train_target[order]
-
+    cold_items, neighbours, train_history, train_target = _check_pseudo_inputs(
+        cold_items, neighbours, train_history, train_target, histories_per_item, policy
+    )
+    index = _train_index(train_history, train_target, policy)
     out_rows, out_idx = [], []
     n_candidates = n_unique = 0
-    k = neighbours.shape[1]
     for c0 in range(0, len(cold_items), chunk_size):
-        nb = neighbours[c0 : c0 + chunk_size].reshape(-1)
-        lo = np.searchsorted(sorted_targets, nb, side="left")
-        hi = np.searchsorted(sorted_targets, nb, side="right")
-        counts = np.where(nb >= 0, hi - lo, 0)
-        total = int(counts.sum())
-        # Expand every (cold item, neighbour) pair into the training rows where the neighbour is the target.
-        group_start = np.repeat(np.cumsum(counts) - counts, counts)
-        rows = order[np.repeat(lo, counts) + (np.arange(total) - group_start)]
-        cold_idx = np.repeat(np.repeat(np.arange(c0, c0 + len(nb) // max(k, 1)), k), counts)
-        keep = usable[rows]
-        rows, cold_idx = rows[keep], cold_idx[keep]
+        rows, cold_idx = _occurrences(neighbours[c0 : c0 + chunk_size], c0, index)
         n_candidates += len(rows)
-        _, first = np.unique(cold_idx * n_hist + hist_id[rows], return_index=True)
-        rows, cold_idx = rows[first], cold_idx[first]
+        rows, cold_idx = _distinct_histories(rows, cold_idx, index)
         n_unique += len(rows)
-        prio = _priority(seed, cold_items[cold_idx], hist_id[rows])
-        # lexsort: last key first — per cold item, (longest first for the notebook policy), then priority.
-        by = np.lexsort((prio, -lengths[rows], cold_idx) if policy == "notebook" else (prio, cold_idx))
-        rows, cold_idx = rows[by], cold_idx[by]
-        rank = np.arange(len(rows)) - np.searchsorted(cold_idx, cold_idx, side="left")
-        chosen = rank < histories_per_item
-        out_rows.append(rows[chosen])
-        out_idx.append(cold_idx[chosen])
+        rows, cold_idx = _choose(rows, cold_idx, cold_items, index, histories_per_item, seed, policy)
+        out_rows.append(rows)
+        out_idx.append(cold_idx)
     rows = np.concatenate(out_rows) if out_rows else np.zeros(0, dtype=np.int64)
     cold_idx = np.concatenate(out_idx) if out_idx else np.zeros(0, dtype=np.int64)
 
-    per_item = np.bincount(cold_idx, minlength=len(cold_items))
-    stats = {
-        "num_cold_items": len(cold_items),
-        "num_candidates": int(n_candidates),
-        "num_unique_candidates": int(n_unique),
-        "num_histories": len(rows),
-        "items_without_history": int((per_item == 0).sum()),
-        "mean_histories_per_item": float(per_item.mean()) if len(per_item) else 0.0,
-        "histories_per_item": int(histories_per_item),
-        "seed": int(seed),
-        "policy": policy,
-    }
+    stats = _pseudo_stats(len(cold_items), cold_idx, n_candidates, n_unique, histories_per_item, seed, policy)
     histories = train_history[rows]
     if policy == "notebook":
         histories = notebook_perturb(histories, train_target[rows], cold_items[cold_idx], seed)

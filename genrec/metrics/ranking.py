@@ -104,6 +104,11 @@ def subset_tensor(subset_masks, subsets: Sequence[str], bsz: int, device) -> tor
     return torch.stack(cols, dim=1)
 
 
+def _ndcg(rank: torch.Tensor, k: int) -> torch.Tensor:
+    """1 / log2(rank + 1) where rank ≤ k, else 0 (rank = +inf for a miss; the clamp keeps log2 finite)."""
+    return torch.where(rank <= k, 1.0 / torch.log2(rank.clamp(max=1e9) + 1.0), torch.zeros_like(rank))
+
+
 class RankingMetrics(Metric):
     """All ranking metrics for all K and all subsets in one torchmetrics ``Metric``.
 
@@ -187,6 +192,42 @@ class RankingMetrics(Metric):
             instance_ids: (B,) int64 dataset indices; an id seen again (on any rank) is counted once.
         """
         device = self.device
+        pred_items, pred_tokens, target_item, target_tokens = self._checked_batch(
+            pred_items, pred_tokens, target_item, target_tokens
+        )
+        bsz = target_item.shape[0]
+        masks = self._subset_tensor(subset_masks, bsz, device)
+        ids = (
+            torch.as_tensor(instance_ids, device=device).long().reshape(-1)
+            if instance_ids is not None
+            else torch.full((bsz,), -1, dtype=torch.long, device=device)
+        )
+        if ids.shape[0] != bsz:
+            raise ValueError(f"instance_ids must have shape ({bsz},)")
+        if valid is not None:
+            keep = torch.as_tensor(valid, device=device).bool().reshape(-1)
+            pred_items, pred_tokens, target_item, target_tokens, masks, ids = (
+                x[keep] for x in (pred_items, pred_tokens, target_item, target_tokens, masks, ids)
+            )
+
+        pred_items, pred_tokens = self._ranked_slots(pred_items, pred_tokens)
+        nonempty = (pred_tokens != 0).any(-1)
+        self.values.append(
+            self._instance_values(pred_items, pred_tokens, target_item, target_tokens, nonempty)
+        )
+        self.subset_masks.append(masks.to(torch.uint8))
+        self.instance_ids.append(ids)
+        if self.iid_ratio:
+            pk = prefix_keys(pred_tokens, self.prefix_len).masked_fill(~nonempty, -1)
+            self.pred_keys.append(torch.stack([pred_items, pk], dim=-1))
+            self.target_keys.append(
+                torch.stack([target_item, prefix_keys(target_tokens, self.prefix_len)], dim=-1)
+            )
+
+    def _checked_batch(self, pred_items, pred_tokens, target_item, target_tokens):
+        """The batch as int64 tensors on the metric's device with checked shapes; the first batch fixes
+        ``sid_length`` when it was not given."""
+        device = self.device
         pred_items = torch.as_tensor(pred_items, device=device).long()
         pred_tokens = torch.as_tensor(pred_tokens, device=device).long()
         target_item = torch.as_tensor(target_item, device=device).long().reshape(-1)
@@ -205,58 +246,32 @@ class RankingMetrics(Metric):
             raise ValueError(f"target_tokens must be ({bsz}, {width}), got {tuple(target_tokens.shape)}")
         if pred_tokens.numel() and int(pred_tokens.max()) >= 1 << _KEY_BITS:
             raise ValueError(f"token ids must be < {1 << _KEY_BITS}")
-        masks = self._subset_tensor(subset_masks, bsz, device)
-        ids = (
-            torch.as_tensor(instance_ids, device=device).long().reshape(-1)
-            if instance_ids is not None
-            else torch.full((bsz,), -1, dtype=torch.long, device=device)
-        )
-        if ids.shape[0] != bsz:
-            raise ValueError(f"instance_ids must have shape ({bsz},)")
-        if valid is not None:
-            keep = torch.as_tensor(valid, device=device).bool().reshape(-1)
-            pred_items, pred_tokens, target_item, target_tokens = (
-                pred_items[keep],
-                pred_tokens[keep],
-                target_item[keep],
-                target_tokens[keep],
-            )
-            masks, ids = masks[keep], ids[keep]
+        return pred_items, pred_tokens, target_item, target_tokens
 
-        # Pad or cut the ranked lists to max(K) slots (missing slots are empty).
+    def _ranked_slots(self, pred_items: torch.Tensor, pred_tokens: torch.Tensor):
+        """Ranked lists as exactly max(K) de-duplicated slots (missing slots are empty)."""
         kp = pred_items.shape[1]
         if kp < self.kmax:
             pred_items = torch.nn.functional.pad(pred_items, (0, self.kmax - kp), value=-1)
             pred_tokens = torch.nn.functional.pad(pred_tokens, (0, 0, 0, self.kmax - kp), value=0)
         pred_items, pred_tokens = dedup_ranked(pred_items, pred_tokens)
-        pred_items, pred_tokens = pred_items[:, : self.kmax], pred_tokens[:, : self.kmax]
+        return pred_items[:, : self.kmax], pred_tokens[:, : self.kmax]
 
-        nonempty = (pred_tokens != 0).any(-1)
+    def _instance_values(self, pred_items, pred_tokens, target_item, target_tokens, nonempty) -> torch.Tensor:
+        """(B, len(_columns())) float64 per-instance values, in ``_columns`` order."""
         item_hits = (pred_items == target_item[:, None]) & (pred_items >= 0)
         token_eq = pred_tokens == target_tokens[:, None, :]
-        prefix_hits = [token_eq[..., :n].all(-1) & nonempty for n in range(1, width + 1)]
+        prefix_hits = [token_eq[..., :n].all(-1) & nonempty for n in range(1, self.sid_length + 1)]
         rank_item = first_hit_rank(item_hits)
         rank_prefix = [first_hit_rank(h) for h in prefix_hits]
         rank_p = rank_prefix[self.prefix_len - 1]
-
-        def ndcg(rank, k):
-            return torch.where(rank <= k, 1.0 / torch.log2(rank.clamp(max=1e9) + 1.0), torch.zeros_like(rank))
-
         cols = []
         for k in self.ks:
-            cols += [(rank_item <= k).double(), ndcg(rank_item, k), (rank_p <= k).double(), ndcg(rank_p, k)]
-            cols += [ndcg(r, k) for r in rank_prefix]
+            cols += [(rank_item <= k).double(), _ndcg(rank_item, k), (rank_p <= k).double(), _ndcg(rank_p, k)]
+            cols += [_ndcg(r, k) for r in rank_prefix]
         cols.append((nonempty & (pred_items < 0)).sum(1).double())
         cols.append(nonempty.sum(1).double())
-        self.values.append(torch.stack(cols, dim=1))
-        self.subset_masks.append(masks.to(torch.uint8))
-        self.instance_ids.append(ids)
-        if self.iid_ratio:
-            pk = prefix_keys(pred_tokens, self.prefix_len).masked_fill(~nonempty, -1)
-            self.pred_keys.append(torch.stack([pred_items, pk], dim=-1))
-            self.target_keys.append(
-                torch.stack([target_item, prefix_keys(target_tokens, self.prefix_len)], dim=-1)
-            )
+        return torch.stack(cols, dim=1)
 
     # ------------------------------------------------------------------------------------ compute
     def _gathered(self) -> dict[str, torch.Tensor]:

@@ -239,6 +239,13 @@ def global_kl_loss(old_log_probs: torch.Tensor, new_log_probs: torch.Tensor) -> 
 # --------------------------------------------------------------------------------------------- model
 
 
+def _with_loss(logs: dict[str, torch.Tensor], loss: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Detached log terms plus the loss itself (last, with its graph) for the optimiser."""
+    logs = {k: v.detach() for k, v in logs.items()}
+    logs["loss"] = loss
+    return logs
+
+
 def freeze(module: nn.Module) -> nn.Module:
     module.eval()
     for p in module.parameters():
@@ -316,79 +323,50 @@ class DACTModel(nn.Module):
             x, cf, z = x[rows], cf[rows], z[rows]
         return self.current.compute_loss(x, cf, z=z)
 
-    # ------------------------------------------------------------------ loss
-    def forward(self, x: torch.Tensor, cf: torch.Tensor) -> dict[str, torch.Tensor]:
-        """DACT loss on one batch. Returns ``loss`` plus detached terms and selection statistics."""
-        if cf is None:
-            raise ValueError("DACT needs the current period's CF embeddings (cf) for every batch")
-        c = self.config
-        B = x.shape[0]
-        z = self.current.encode(x)
-        z_old = self.old_latent(x)
+    def _global_kl(self, z: torch.Tensor, z_old: torch.Tensor) -> torch.Tensor:
+        new_lp = self.current.level_log_probs(z, 0, self.config.kl_temperature)
+        return global_kl_loss(self.teacher_log_probs(z_old), new_lp)
+
+    def _plain_forward(self, x, cf, z, z_old, l_global) -> dict[str, torch.Tensor]:
+        """The plain tokenizer loss on every item, plus the global KL (ablation "w/o Diff")."""
+        plain = self.current.compute_loss(x, cf, z=z)
+        loss = plain["total"] + self.config.kl_weight * l_global
         logs: dict[str, torch.Tensor] = {}
-        zero = z.new_zeros(())
+        logs.update(plain_loss=plain["total"], recon=plain["recon"], quant=plain["quant"], cf=plain["cf"])
+        logs.update(global_kl=l_global, latent_shift=(z - z_old).norm(dim=-1).mean())
+        return _with_loss(logs, loss)
 
-        if c.global_kl and c.kl_weight > 0:
-            new_lp = self.current.level_log_probs(z, 0, c.kl_temperature)
-            l_global = global_kl_loss(self.teacher_log_probs(z_old), new_lp)
-        else:
-            l_global = zero
+    def _select_drifting(self, z_old, z, cf, batch_size: int, zero):
+        """Mask of the k = ⌊ρ·B⌋ drifting rows: CDIM top-k (straight-through, so the mask carries CDIM's
+        gradient) or uniformly random ("w/o CDIM"). Returns (confidence or None, mask, confidence regulariser)."""
+        k = num_drifting(batch_size, self.config.drift_ratio)
+        if self.cdim is None:
+            return None, random_mask(batch_size, k, self.generator, device=z.device), zero
+        g = self.confidence(z_old, z, cf)
+        return g, straight_through_topk_mask(g, k), confidence_regularizer(g)
 
-        if not c.differentiated_update:
-            plain = self.current.compute_loss(x, cf, z=z)
-            loss = plain["total"] + c.kl_weight * l_global
-            logs.update(plain_loss=plain["total"], recon=plain["recon"], quant=plain["quant"], cf=plain["cf"])
-            logs.update(global_kl=l_global, latent_shift=(z - z_old).norm(dim=-1).mean())
-            logs = {k: v.detach() for k, v in logs.items()}
-            logs["loss"] = loss
-            return logs
-
-        k = num_drifting(B, c.drift_ratio)
-        if self.cdim is not None:
-            g = self.confidence(z_old, z, cf)
-            mask = straight_through_topk_mask(g, k)
-            l_conf = confidence_regularizer(g)
-        else:
-            g = None
-            mask = random_mask(B, k, self.generator, device=z.device)
-            l_conf = zero
-        z_drift, z_stat = mix_latents(z, z_old, mask)
-        hard = mask.detach() > 0.5
-
-        if c.loss_scope == "batch":
+    def _branch_losses(self, x, cf, z_drift, z_stat, z_old, hard, zero):
+        """Drift and stationary tokenizer losses and the anchor, over the batch or over each group."""
+        if self.config.loss_scope == "batch":
             drift = self._branch_loss(x, cf, z_drift, None)
             stat = self._branch_loss(x, cf, z_stat, None)
-            l_anchor = anchor_loss(z_stat, z_old)
-        else:  # paper-literal: each objective on its own group; mask values (=1) keep the STE gradient
-            drift = self._branch_loss(x, cf, z_drift, hard)
-            if (~hard).any():
-                stat = self._branch_loss(x, cf, z_stat, ~hard)
-                l_anchor = anchor_loss(z_stat[~hard], z_old[~hard])
-            else:
-                stat = {"total": zero, "recon": zero, "quant": zero, "cf": zero}
-                l_anchor = zero
-        l_drift = drift["total"]
-        l_stat = stat["total"] + c.anchor_weight * l_anchor
-        loss = l_drift + c.stat_weight * l_stat + c.kl_weight * l_global + c.conf_weight * l_conf
+            return drift, stat, anchor_loss(z_stat, z_old)
+        # paper-literal: each objective on its own group; mask values (=1) keep the STE gradient
+        drift = self._branch_loss(x, cf, z_drift, hard)
+        if (~hard).any():
+            stat = self._branch_loss(x, cf, z_stat, ~hard)
+            return drift, stat, anchor_loss(z_stat[~hard], z_old[~hard])
+        return drift, {"total": zero, "recon": zero, "quant": zero, "cf": zero}, zero
 
+    @staticmethod
+    def _selection_logs(z, z_old, hard, g, zero) -> dict[str, torch.Tensor]:
         shift = (z - z_old).norm(dim=-1)
-        logs.update(
-            drift_loss=l_drift,
-            stat_loss=l_stat,
-            anchor=l_anchor,
-            global_kl=l_global,
-            conf_reg=l_conf,
-            drift_recon=drift["recon"],
-            drift_quant=drift["quant"],
-            drift_cf=drift["cf"],
-            stat_recon=stat["recon"],
-            stat_quant=stat["quant"],
-            stat_cf=stat["cf"],
-            drift_ratio=hard.float().mean(),
-            latent_shift=shift.mean(),
-            latent_shift_drifting=shift[hard].mean(),
-            latent_shift_stationary=shift[~hard].mean() if (~hard).any() else zero,
-        )
+        logs = {
+            "drift_ratio": hard.float().mean(),
+            "latent_shift": shift.mean(),
+            "latent_shift_drifting": shift[hard].mean(),
+            "latent_shift_stationary": shift[~hard].mean() if (~hard).any() else zero,
+        }
         if g is not None:
             logs.update(
                 confidence_mean=g.mean(),
@@ -396,9 +374,36 @@ class DACTModel(nn.Module):
                 confidence_selected=g[hard].mean(),
                 confidence_threshold=g[hard].min(),
             )
-        logs = {k: v.detach() for k, v in logs.items()}
-        logs["loss"] = loss
         return logs
+
+    # ------------------------------------------------------------------ loss
+    def forward(self, x: torch.Tensor, cf: torch.Tensor) -> dict[str, torch.Tensor]:
+        """DACT loss on one batch. Returns ``loss`` plus detached terms and selection statistics."""
+        if cf is None:
+            raise ValueError("DACT needs the current period's CF embeddings (cf) for every batch")
+        c = self.config
+        z = self.current.encode(x)
+        z_old = self.old_latent(x)
+        zero = z.new_zeros(())
+        l_global = self._global_kl(z, z_old) if c.global_kl and c.kl_weight > 0 else zero
+        if not c.differentiated_update:
+            return self._plain_forward(x, cf, z, z_old, l_global)
+
+        g, mask, l_conf = self._select_drifting(z_old, z, cf, x.shape[0], zero)
+        z_drift, z_stat = mix_latents(z, z_old, mask)
+        hard = mask.detach() > 0.5
+        drift, stat, l_anchor = self._branch_losses(x, cf, z_drift, z_stat, z_old, hard, zero)
+        l_drift = drift["total"]
+        l_stat = stat["total"] + c.anchor_weight * l_anchor
+        loss = l_drift + c.stat_weight * l_stat + c.kl_weight * l_global + c.conf_weight * l_conf
+        logs: dict[str, torch.Tensor] = {}
+        logs.update(
+            drift_loss=l_drift, stat_loss=l_stat, anchor=l_anchor, global_kl=l_global, conf_reg=l_conf
+        )
+        logs.update(drift_recon=drift["recon"], drift_quant=drift["quant"], drift_cf=drift["cf"])
+        logs.update(stat_recon=stat["recon"], stat_quant=stat["quant"], stat_cf=stat["cf"])
+        logs.update(self._selection_logs(z, z_old, hard, g, zero))
+        return _with_loss(logs, loss)
 
     # ------------------------------------------------------------------ monitoring
     @torch.no_grad()

@@ -78,6 +78,57 @@ def _init_centroids(x: torch.Tensor, k: int, init: str, init_size: int | None, g
     raise ValueError(f"init must be 'k-means++' or 'random', got {init!r}")
 
 
+def _lloyd(x: torch.Tensor, centroids: torch.Tensor, iters: int) -> int:
+    """Full-batch Lloyd iterations on ``centroids`` (in place); returns the iterations run."""
+    k = centroids.shape[0]
+    labels = None
+    it = 0
+    for it in range(1, iters + 1):
+        new_labels, dist = nearest_centroid(x, centroids)
+        if labels is not None and torch.equal(new_labels, labels):
+            break
+        labels = new_labels
+        sums = torch.zeros_like(centroids).index_add_(0, labels, x)
+        counts = torch.bincount(labels, minlength=k).to(x.dtype)
+        nonempty = counts > 0
+        centroids[nonempty] = sums[nonempty] / counts[nonempty, None]
+        empty = (~nonempty).nonzero().squeeze(1)
+        if len(empty):
+            far = torch.argsort(dist, descending=True)[: len(empty)]
+            centroids[empty] = x[far]
+    return it
+
+
+def _minibatch(
+    x: torch.Tensor, centroids: torch.Tensor, iters: int, batch_size: int, gen: torch.Generator, tol: float
+) -> int:
+    """Mini-batch passes on ``centroids`` (in place); returns the passes run."""
+    n, k = x.shape[0], centroids.shape[0]
+    counts = torch.zeros(k, dtype=x.dtype, device=x.device)
+    it = 0
+    for it in range(1, iters + 1):
+        before = centroids.clone()
+        hit = torch.zeros(k, dtype=torch.bool, device=x.device)
+        perm = torch.randperm(n, generator=gen).to(x.device)
+        for start in range(0, n, batch_size):
+            xb = x[perm[start : start + batch_size]]
+            lb, _ = nearest_centroid(xb, centroids)
+            bsum = torch.zeros_like(centroids).index_add_(0, lb, xb)
+            bcnt = torch.bincount(lb, minlength=k).to(x.dtype)
+            counts += bcnt
+            upd = bcnt > 0
+            # streaming mean: c ← c + (Σ_batch x − m·c) / total_count
+            centroids[upd] += (bsum[upd] - bcnt[upd, None] * centroids[upd]) / counts[upd, None]
+            hit |= upd
+        dead = (~hit).nonzero().squeeze(1)
+        if len(dead):
+            centroids[dead] = x[torch.randint(n, (len(dead),), generator=gen).to(x.device)]
+            counts[dead] = 0
+        if len(dead) == 0 and float((centroids - before).norm(dim=1).max()) < tol:
+            break
+    return it
+
+
 def kmeans(
     x: torch.Tensor,
     k: int,
@@ -110,44 +161,9 @@ def kmeans(
     centroids = _init_centroids(x, k, init, init_size, gen).clone()
 
     if batch_size is None or batch_size >= n:
-        labels = None
-        it = 0
-        for it in range(1, iters + 1):
-            new_labels, dist = nearest_centroid(x, centroids)
-            if labels is not None and torch.equal(new_labels, labels):
-                break
-            labels = new_labels
-            sums = torch.zeros_like(centroids).index_add_(0, labels, x)
-            counts = torch.bincount(labels, minlength=k).to(x.dtype)
-            nonempty = counts > 0
-            centroids[nonempty] = sums[nonempty] / counts[nonempty, None]
-            empty = (~nonempty).nonzero().squeeze(1)
-            if len(empty):
-                far = torch.argsort(dist, descending=True)[: len(empty)]
-                centroids[empty] = x[far]
+        it = _lloyd(x, centroids, iters)
     else:
-        counts = torch.zeros(k, dtype=x.dtype, device=x.device)
-        it = 0
-        for it in range(1, iters + 1):
-            before = centroids.clone()
-            hit = torch.zeros(k, dtype=torch.bool, device=x.device)
-            perm = torch.randperm(n, generator=gen).to(x.device)
-            for start in range(0, n, batch_size):
-                xb = x[perm[start : start + batch_size]]
-                lb, _ = nearest_centroid(xb, centroids)
-                bsum = torch.zeros_like(centroids).index_add_(0, lb, xb)
-                bcnt = torch.bincount(lb, minlength=k).to(x.dtype)
-                counts += bcnt
-                upd = bcnt > 0
-                # streaming mean: c ← c + (Σ_batch x − m·c) / total_count
-                centroids[upd] += (bsum[upd] - bcnt[upd, None] * centroids[upd]) / counts[upd, None]
-                hit |= upd
-            dead = (~hit).nonzero().squeeze(1)
-            if len(dead):
-                centroids[dead] = x[torch.randint(n, (len(dead),), generator=gen).to(x.device)]
-                counts[dead] = 0
-            if len(dead) == 0 and float((centroids - before).norm(dim=1).max()) < tol:
-                break
+        it = _minibatch(x, centroids, iters, batch_size, gen, tol)
     labels, _ = nearest_centroid(x, centroids)
     # inertia from explicit differences: the ‖x‖²−2x·c+‖c‖² expansion cancels badly for tight clusters
     inertia = float((x - centroids[labels]).pow(2).sum())
