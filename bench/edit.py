@@ -54,6 +54,8 @@ def main(argv=None) -> dict:
                    help="pseudo histories per cold item (default: EditConfig's, 10)")
     p.add_argument("--num_neighbours", type=int, default=None,
                    help="warm text neighbours per cold item the pseudo histories come from (default EditConfig's 10)")
+    p.add_argument("--neighbour_weighting", choices=("occurrences", "similarity"), default=None,
+                   help="share of each neighbour in a cold item's histories (EditConfig.neighbour_weighting)")
     p.add_argument("--pseudo_policy", choices=("script", "notebook"), default=None,
                    help="pseudo-history generator for every row (default: EditConfig's, the released script)")
     p.add_argument("--cold_items", choices=("new", "unseen"), default="new",
@@ -234,12 +236,15 @@ def _run_one(args, work: str) -> tuple[dict, dict]:
         edit_cfg = dataclasses.replace(edit_cfg, pseudo_policy=args.pseudo_policy)
     if args.num_neighbours is not None:
         edit_cfg = dataclasses.replace(edit_cfg, num_neighbours=args.num_neighbours)
+    if args.neighbour_weighting is not None:
+        edit_cfg = dataclasses.replace(edit_cfg, neighbour_weighting=args.neighbour_weighting)
     results["config/cov_lambda"] = edit_cfg.cov_lambda
     results["config/cold_items"] = args.cold_items
     results["config/d_ff"] = base.t5.config.d_ff
     results["config/histories_per_item"] = edit_cfg.histories_per_item
     results["config/pseudo_policy"] = edit_cfg.pseudo_policy
     results["config/num_neighbours"] = edit_cfg.num_neighbours
+    results["config/neighbour_weighting"] = edit_cfg.neighbour_weighting
 
     if args.scale:
         # 10,000 synthetic cold items: fresh SIDs (unique suffixes) and embeddings near random warm items.

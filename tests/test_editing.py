@@ -670,3 +670,49 @@ def test_editor_needs_a_number_for_a_direct_edit():
         GenRecEditor(EditConfig()).edit(None, None, None, None, None, None, None, warm_items=None)
     with pytest.raises(ConfigError, match="cov_lambda"):
         EditConfig(cov_lambda=-1.0)
+
+
+def test_similarity_weighted_histories_follow_the_weights_not_the_popularity():
+    from genrec.editing.knowledge import pseudo_knowledge
+
+    # neighbour 0 occurs after 90 distinct histories, neighbour 1 after 10; 300 cold items share both
+    rng = np.random.default_rng(0)
+    hist = np.full((100, 4), -1, dtype=np.int64)
+    hist[:, -3:] = rng.integers(10, 1000, size=(100, 3))
+    target = np.r_[np.zeros(90, dtype=np.int64), np.ones(10, dtype=np.int64)]
+    cold = np.arange(2000, 2300)
+    nbrs = np.tile([0, 1], (len(cold), 1))
+
+    def share_of_rare(weights):
+        k = pseudo_knowledge(cold, nbrs, hist, target, histories_per_item=4, seed=3, neighbour_weights=weights)
+        return float((target[k.source_rows] == 1).mean()), k
+
+    plain, _ = share_of_rare(None)
+    equal, k = share_of_rare(np.ones((len(cold), 2)))
+    assert plain == pytest.approx(0.1, abs=0.04)  # occurrences: the popular neighbour dominates
+    assert equal == pytest.approx(0.5, abs=0.06)  # equal similarity weights: half from each
+    assert (np.bincount(np.searchsorted(cold, k.items)) == 4).all()  # still 4 distinct histories per item
+    zero, _ = share_of_rare(np.tile([1.0, 0.0], (len(cold), 1)))
+    assert zero == 0.0  # a weight-0 neighbour supplies nothing
+    with pytest.raises(ValueError, match="neighbour_weights"):
+        pseudo_knowledge(cold, nbrs, hist, target, neighbour_weights=np.ones((3, 2)))
+
+
+def test_similarity_weighting_is_an_edit_config_choice(sid_table, train_data):
+    from genrec.editing import EditConfig
+
+    assert EditConfig().neighbour_weighting == "occurrences"
+    with pytest.raises(ConfigError, match="neighbour_weighting"):
+        EditConfig(neighbour_weighting="popularity")
+    with pytest.raises(ConfigError, match="neighbour_temperature"):
+        EditConfig(neighbour_temperature=0)
+    # through the editor: closest neighbours dominate at a low temperature, every neighbour counts at a high one
+    cold_items, cold_emb, warm_emb, history, target = _editor_inputs(sid_table, train_data)
+    shares = []
+    for temp in (1e-4, 100.0):
+        cfg = EditConfig(histories_per_item=3, num_neighbours=3, neighbour_weighting="similarity",
+                         neighbour_temperature=temp)
+        know = GenRecEditor(cfg).build_knowledge(cold_items, cold_emb, np.arange(N_WARM), warm_emb, history, target)
+        first = know.neighbours[np.searchsorted(know.cold_items, know.items), 0]
+        shares.append(float((target[know.source_rows] == first).mean()))
+    assert shares[0] == 1.0 and shares[1] < 1.0

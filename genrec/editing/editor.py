@@ -79,6 +79,12 @@ class EditConfig:
     """``script``: the released prepare_edit_data.py (history cut before a neighbour's occurrence, canonical);
     ``notebook``: the reference notebook's generator (longest prefixes, neighbour inserted twice, ≤ 2 items
     deleted, the cold item inserted in the first half) — request keys then differ from the training rows'."""
+    neighbour_weighting: Literal["occurrences", "similarity"] = "occurrences"
+    """How a cold item's histories are shared among its neighbours. ``occurrences`` (released script): a uniform
+    draw over all their occurrences, so popular neighbours dominate; ``similarity``: neighbour j's expected share
+    is softmax_j(cos_j / ``neighbour_temperature``), closer neighbours supplying more."""
+    neighbour_temperature: float = 0.05
+    """Softmax temperature of ``neighbour_weighting similarity`` (cosines of text embeddings)."""
     neighbour_pool: Literal["train_targets", "given"] = "train_targets"
     """``train_targets``: the given warm items that occur as training targets (only they yield histories; the
     paper's I_warm); ``given``: every given warm item (closer to the released pool I_trainSeq)."""
@@ -135,6 +141,7 @@ class EditConfig:
             ("value_profile", self.value_profile, VALUE_PROFILES),
             ("neighbour_pool", self.neighbour_pool, NEIGHBOUR_POOLS),
             ("pseudo_policy", self.pseudo_policy, PSEUDO_POLICIES),
+            ("neighbour_weighting", self.neighbour_weighting, ("occurrences", "similarity")),
         ]
         for name, value, allowed in checks:
             if value not in allowed:
@@ -143,6 +150,8 @@ class EditConfig:
             raise ConfigError(f"edit.cov_lambda: expected 'auto' or a number >= 0, got {self.cov_lambda!r}")
         if not self.auto_lambda_ratios or min(self.auto_lambda_ratios) <= 0:
             raise ConfigError(f"edit.auto_lambda_ratios: expected positive ratios, got {self.auto_lambda_ratios}")
+        if not self.neighbour_temperature > 0:
+            raise ConfigError(f"edit.neighbour_temperature: expected > 0, got {self.neighbour_temperature}")
         if not 0 <= self.max_warm_drop < 1:
             raise ConfigError(f"edit.max_warm_drop: expected a share in [0, 1), got {self.max_warm_drop}")
         for name in ("histories_per_item", "num_neighbours", "probe_max_per_class", "key_batch_size",
@@ -255,9 +264,14 @@ class GenRecEditor:
             cold_item_embeddings, warm_emb, cfg.num_neighbours, cold_items, warm_items, cfg.neighbour_batch_size
         )
         neighbours = np.where(index >= 0, warm_items[np.clip(index, 0, None)] if len(warm_items) else -1, -1)
+        weights = None
+        if cfg.neighbour_weighting == "similarity":
+            logits = np.where(index >= 0, sims.astype(np.float64) / cfg.neighbour_temperature, -np.inf)
+            logits -= np.max(logits, axis=1, keepdims=True, initial=-1e300, where=np.isfinite(logits))
+            weights = np.where(index >= 0, np.exp(logits), 0.0)
         knowledge = pseudo_knowledge(
             cold_items, neighbours, train_history, train_target, cfg.histories_per_item, cfg.seed,
-            policy=cfg.pseudo_policy,
+            policy=cfg.pseudo_policy, neighbour_weights=weights,
         )
         knowledge.stats["neighbour_pool_size"] = len(warm_items)
         valid = np.isfinite(sims)

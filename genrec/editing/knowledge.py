@@ -211,17 +211,32 @@ def _distinct_histories(rows: np.ndarray, cold_idx: np.ndarray, index: _TrainInd
     return rows[first], cold_idx[first]
 
 
-def _choose(rows, cold_idx, cold_items, index: _TrainIndex, histories_per_item: int, seed: int, policy: str):
+def _choose(rows, cold_idx, cold_items, index: _TrainIndex, histories_per_item: int, seed: int, policy: str,
+            weights: np.ndarray | None = None):
     """The ``histories_per_item`` candidates of each cold item that sort first by seeded priority (a uniform
     draw without replacement, whatever the chunking or candidate order); longest first before that for the
-    notebook policy."""
+    notebook policy. With ``weights`` (> 0 per candidate) the draw is weighted: Efraimidis–Spirakis keys
+    −log(u)/w from the same hashed uniform u, smallest first."""
     prio = _priority(seed, cold_items[cold_idx], index.hist_id[rows])
+    if weights is not None:
+        u = (prio >> np.uint64(11)).astype(np.float64) * 2.0**-53 + 2.0**-54  # (0, 1), 53 random bits
+        prio = -np.log(u) / weights
     # lexsort: last key first — per cold item, (longest first for the notebook policy), then priority.
     by = np.lexsort((prio, -index.lengths[rows], cold_idx) if policy == "notebook" else (prio, cold_idx))
     rows, cold_idx = rows[by], cold_idx[by]
     rank = np.arange(len(rows)) - np.searchsorted(cold_idx, cold_idx, side="left")
     chosen = rank < histories_per_item
     return rows[chosen], cold_idx[chosen]
+
+
+def _candidate_weights(rows, cold_idx, neighbours, neighbour_weights, train_target) -> np.ndarray:
+    """Per candidate: its neighbour's weight divided by that neighbour's number of candidates for the cold item."""
+    nb = train_target[rows]
+    slot = np.argmax(neighbours[cold_idx] == nb[:, None], axis=1)  # which of the k neighbours supplied the row
+    w = neighbour_weights[cold_idx, slot]
+    pair = cold_idx * neighbours.shape[1] + slot
+    _, inverse, counts = np.unique(pair, return_inverse=True, return_counts=True)
+    return w / counts[inverse.reshape(-1)]
 
 
 def _pseudo_stats(
@@ -250,6 +265,7 @@ def pseudo_knowledge(
     seed: int = 0,
     chunk_size: int = 1024,
     policy: str = "script",
+    neighbour_weights: np.ndarray | None = None,
 ) -> EditKnowledge:
     """Pseudo histories of each cold item from its neighbours' occurrences as training targets.
 
@@ -262,10 +278,20 @@ def pseudo_knowledge(
     uniform draw without replacement. ``policy="notebook"`` (the reference's exploratory notebook, spec §2.2):
     empty prefixes allowed, the longest distinct prefixes are kept (ties by seeded priority) and each is then
     perturbed by :func:`notebook_perturb`; histories are ``NOTEBOOK_EXTRA`` columns wider than ``train_history``.
+
+    ``neighbour_weights`` (c, k), ≥ 0 (e.g. a softmax of the text similarities): each neighbour's expected share
+    of a cold item's histories follows its weight instead of its number of occurrences (without weights a popular
+    neighbour supplies most histories however far it is); the weight is spread evenly over that neighbour's
+    distinct histories.
     """
     cold_items, neighbours, train_history, train_target = _check_pseudo_inputs(
         cold_items, neighbours, train_history, train_target, histories_per_item, policy
     )
+    if neighbour_weights is not None:
+        neighbour_weights = np.asarray(neighbour_weights, dtype=np.float64)
+        if neighbour_weights.shape != neighbours.shape or not np.all(neighbour_weights >= 0):
+            raise ValueError(f"neighbour_weights must be non-negative with the neighbours' shape {neighbours.shape}, "
+                             f"got {neighbour_weights.shape}")
     index = _train_index(train_history, train_target, policy)
     out_rows, out_idx = [], []
     n_candidates = n_unique = 0
@@ -274,7 +300,12 @@ def pseudo_knowledge(
         n_candidates += len(rows)
         rows, cold_idx = _distinct_histories(rows, cold_idx, index)
         n_unique += len(rows)
-        rows, cold_idx = _choose(rows, cold_idx, cold_items, index, histories_per_item, seed, policy)
+        weights = None if neighbour_weights is None else _candidate_weights(
+            rows, cold_idx, neighbours, neighbour_weights, train_target)
+        if weights is not None:
+            keep = weights > 0
+            rows, cold_idx, weights = rows[keep], cold_idx[keep], weights[keep]
+        rows, cold_idx = _choose(rows, cold_idx, cold_items, index, histories_per_item, seed, policy, weights)
         out_rows.append(rows)
         out_idx.append(cold_idx)
     rows = np.concatenate(out_rows) if out_rows else np.zeros(0, dtype=np.int64)
