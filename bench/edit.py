@@ -52,6 +52,8 @@ def main(argv=None) -> dict:
                    help="fix λ of the edited row and the ablations (default: EditConfig's `auto`, chosen on validation)")
     p.add_argument("--histories_per_item", type=int, default=None,
                    help="pseudo histories per cold item (default: EditConfig's, 10)")
+    p.add_argument("--select_every", type=int, default=3,
+                   help="validation interval (epochs) of the retrain baseline's epoch selection (fine-tunes: every epoch)")
     p.add_argument("--num_neighbours", type=int, default=None,
                    help="warm text neighbours per cold item the pseudo histories come from (default EditConfig's 10)")
     p.add_argument("--neighbour_weighting", choices=("occurrences", "similarity"), default=None,
@@ -389,6 +391,7 @@ def _run_one(args, work: str) -> tuple[dict, dict]:
             lambda callbacks, **kw: trainer(epochs, limit_val_batches=1.0, callbacks=callbacks + [clock], **kw),
             module, Path(work) / f"select_{name}",
             epochs=epochs, from_scratch=from_scratch, monitor=monitor_key(module.ks), val_loader=dm.val_dataloader(),
+            every=args.select_every if from_scratch else 1,
             train_loader=DataLoader(rows, batch_size=256, shuffle=True), device=device)
         results[f"seconds/{name}"] = time.perf_counter() - start  # training plus its epoch selection
         results[f"seconds/{name}/validation"] = clock.seconds
