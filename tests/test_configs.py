@@ -169,5 +169,5 @@ def test_paths_in_a_config_resolve_relative_to_that_file(tmp_path, monkeypatch):
     special = tmp_path / "special.yaml"
     special.write_text("data:\n  root: hf://datasets/x\nckpt_path: best\noutput_dir: /abs/out\n")
     (resolved,) = [a for a in resolve_config_args(["--config", str(special)]) if a.endswith(".yaml")]
-    tree = yaml.safe_load(open(resolved))
+    tree = yaml.safe_load(Path(resolved).read_text())
     assert tree == {"data": {"root": "hf://datasets/x"}, "ckpt_path": "best", "output_dir": "/abs/out"}
