@@ -54,7 +54,8 @@ class RecommendationWriter(L.Callback):
 
     def gathered(self, trainer, pl_module) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(users, items, scores) of every instance once, in instance order: under DDP each rank predicted its
-        share (the sampler pads with repeats), so rank 0 gathers all shares and keeps one row per instance index."""
+        share (a padding sampler repeats some instances), so every share is gathered and one row kept per instance
+        index."""
         parts = [torch.cat(x) if x else None for x in (self._users, self._items, self._scores, self._index)]
         if trainer.world_size > 1:
             if parts[3] is None:

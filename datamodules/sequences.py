@@ -182,6 +182,9 @@ class SequenceDataModule(L.LightningDataModule):
             self.load()
 
     def setup(self, stage: str | None = None) -> None:
+        if self.dataset is None and self.trainer is not None and self.prepared_dir:
+            # prepare_data already (re)prepared the folder on the first process of the node: never again per rank
+            self.overwrite_prepared = False
         self.load()
 
     @property

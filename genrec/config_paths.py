@@ -1,9 +1,12 @@
-"""Paths written in a config file are relative to that file, not to wherever the command is launched.
+"""Input paths written in a config file are relative to that file, not to wherever the command is launched.
 
-``genrec <command> --config FILE`` reads FILE, rewrites the relative values of the path fields below against FILE's
-folder, and hands the command a resolved copy (so ``--print_config`` and the saved ``config.yaml`` show the absolute
-paths that were used). Paths given on the command line stay relative to the current directory, as in any shell
-command. URLs (``hf://…``) and the checkpoint aliases ``best`` / ``last`` are left alone.
+``genrec <command> --config FILE`` reads FILE, rewrites the relative values of the input fields below (data files,
+SID tables, checkpoints to start from) against FILE's folder, and hands the command a resolved copy (so
+``--print_config`` and the saved ``config.yaml`` show the absolute paths that were used). Outputs
+(``default_root_dir``, ``save_dir``, ``output_dir``, ``prepared_dir``, caches …) stay relative to the working
+directory: a run writes where it is launched, never next to a shared or installed config. Paths given on the command
+line are relative to the current directory, as in any shell command. URLs (``hf://…``) and the checkpoint aliases
+``best`` / ``last`` are left alone.
 """
 
 from __future__ import annotations
@@ -15,9 +18,8 @@ import tempfile
 from pathlib import Path
 
 PATH_FIELDS = frozenset({
-    "root", "reviews_path", "meta_path", "cache_dir", "prepared_dir", "sid_table_path", "embeddings_path",
-    "cf_embeddings_path", "default_root_dir", "save_dir", "dirpath", "output_path", "output_dir", "run_dir",
-    "init_from", "cov_cache_dir", "ckpt_path", "tiger_ckpt", "sasrec_ckpt", "items_path",
+    "root", "reviews_path", "meta_path", "sid_table_path", "embeddings_path", "cf_embeddings_path", "init_from",
+    "ckpt_path", "tiger_ckpt", "sasrec_ckpt", "items_path",
 })
 _KEEP = ("best", "last", "hpc", "registry")
 

@@ -60,7 +60,14 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
 
 
 def _umask() -> int:
-    mask = os.umask(0)
+    # /proc first: os.umask(0) would briefly make every file another thread creates world-writable
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o077)  # the strictest value while we read it
     os.umask(mask)
     return mask
 
@@ -97,10 +104,22 @@ def exclusive(path: str | os.PathLike, what: str = "folder"):
     from filelock import FileLock
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(str(path.parent / f".{path.name}.lock"))
-    with lock:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(str(path.parent / f".{path.name}.lock"))
+        lock.acquire()
+    except PermissionError:  # a read-only shared location: nothing will be written there, so nothing to guard
         yield
+        return
+    except OSError as exc:
+        if exc.errno != errno.EROFS:
+            raise
+        yield
+        return
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def read_marker(path: str | os.PathLike) -> dict | None:

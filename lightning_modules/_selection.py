@@ -37,6 +37,13 @@ def fit_selecting_on_val(make_trainer: Callable, module, folder: Path, *, epochs
     else:
         trainer.fit(module, train_dataloaders=train_loader, val_dataloaders=val_loader)
     best = None if ckpt.best_model_score is None else float(ckpt.best_model_score)
+    every = max(min(every, epochs), 1)
+    if epochs % every and trainer.current_epoch == epochs:
+        # the last epoch fell between validations: score it too, so it can be chosen like any other
+        last = float(trainer.validate(module, dataloaders=val_loader, verbose=False)[0][monitor])
+        if best is None or last > best:
+            shutil.rmtree(folder, ignore_errors=True)
+            return epochs if start is None or last > start else _restore_start(module, start_state)
     if start is not None and (best is None or start >= best):
         module.load_state_dict(start_state)  # training never beat the starting point on validation
         chosen = 0
@@ -48,3 +55,8 @@ def fit_selecting_on_val(make_trainer: Callable, module, folder: Path, *, epochs
         chosen = epochs
     shutil.rmtree(folder, ignore_errors=True)
     return chosen
+
+
+def _restore_start(module, start_state) -> int:
+    module.load_state_dict(start_state)
+    return 0

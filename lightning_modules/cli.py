@@ -18,7 +18,8 @@ import datamodules.sequences  # noqa: F401
 import lightning_modules.rqvae
 import lightning_modules.tiger  # noqa: F401
 from genrec.checkpoints import read_checkpoint
-from lightning_modules._run_folder import RunFolderConfig
+from genrec.errors import ConfigError
+from lightning_modules._run_folder import RunFolderConfig, latest_checkpoint
 
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
 
@@ -36,16 +37,29 @@ def _optional_imports() -> None:
 class GenrecCLI(LightningCLI):
     def parse_arguments(self, parser, args) -> None:
         # LightningCLI warns whenever args and sys.argv both exist: `genrec fit …` always has both.
-        self.config = parser.parse_args(args)
+        from genrec.config_paths import resolve_config_args
+
+        argv = list(args) if isinstance(args, (list, tuple)) else (sys.argv[1:] if args is None else None)
+        # paths in a config file are relative to that file (also when GenrecCLI is used as a library)
+        self.config = parser.parse_args(resolve_config_args(argv) if argv is not None else args)
         sub = self.config.get("subcommand")
         ckpt = self.config[sub].get("ckpt_path") if sub else None
-        if ckpt and ckpt not in ("best", "last", "hpc", "registry") and not str(ckpt).startswith("registry:"):
+        if ckpt in ("best", "last"):
+            # Lightning looks for these before any run folder is known; ours live in <default_root_dir>/<run>/
+            root = self.config[sub].get("trainer", {}).get("default_root_dir") or "."
+            found = latest_checkpoint(root, ckpt)
+            if found is None:
+                raise ConfigError(f"--ckpt_path {ckpt}: no {ckpt}.ckpt under {root} (the run folders of earlier "
+                                  "fits); pass the checkpoint's path")
+            self.config[sub]["ckpt_path"] = str(found)
+            print(f"--ckpt_path {ckpt}: {found}")
+            ckpt = str(found)
+        if ckpt and ckpt not in ("hpc", "registry") and not str(ckpt).startswith("registry:"):
             if not Path(ckpt).is_file():
                 read_checkpoint(ckpt)  # raises "file not found"
             model = self.config[sub].get("model")
             cls = getattr(model, "class_path", None) if model is not None else None
             read_checkpoint(ckpt, expect=str(cls).rsplit(".", 1)[-1] if cls else None)
-
 
     def _finish_loggers(self) -> None:
         from lightning.pytorch.loggers import WandbLogger
@@ -57,9 +71,10 @@ class GenrecCLI(LightningCLI):
             if isinstance(logger, WandbLogger) and trainer.is_global_zero:
                 summary = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
                 finish_wandb(logger, summary)
-        folder = next((cb.run_dir for cb in trainer.callbacks if isinstance(cb, RunFolderConfig) and cb.run_dir), None)
+        folder = getattr(trainer, "genrec_run_dir", None)
+        log_dir = trainer.log_dir  # a collective under DDP: every rank asks
         if trainer.is_global_zero:
-            print(f"outputs: {folder or trainer.log_dir or trainer.default_root_dir}")
+            print(f"outputs: {folder or log_dir or trainer.default_root_dir}")
 
     def after_fit(self) -> None:
         ckpt = self.trainer.checkpoint_callback

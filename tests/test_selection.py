@@ -30,7 +30,7 @@ class Scripted(L.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=1.0)
 
 
-def run(module, tmp_path, epochs, from_scratch):
+def run(module, tmp_path, epochs, from_scratch, every=1):
     data = DataLoader(TensorDataset(torch.zeros(1, 1)), batch_size=1)
 
     def make_trainer(**kw):
@@ -38,7 +38,7 @@ def run(module, tmp_path, epochs, from_scratch):
                          enable_model_summary=False, num_sanity_val_steps=0, default_root_dir=str(tmp_path), **kw)
 
     return fit_selecting_on_val(make_trainer, module, tmp_path / "select", epochs=epochs, from_scratch=from_scratch,
-                                monitor=monitor_key((5, 10)), val_loader=data, train_loader=data)
+                                monitor=monitor_key((5, 10)), val_loader=data, train_loader=data, every=every)
 
 
 def test_from_scratch_keeps_the_best_validation_epoch(tmp_path):
@@ -58,6 +58,16 @@ def test_a_fine_tune_that_improves_keeps_its_best_epoch(tmp_path):
     module = Scripted([0.1, 0.6, 0.5], start_score=0.4)
     assert run(module, tmp_path, 3, from_scratch=False) == 2
     assert module.w.item() == pytest.approx(2.0)
+
+
+def test_the_last_epoch_is_scored_even_between_validation_intervals(tmp_path):
+    # validation after epochs 2 and 4 of 5 (scores[1], scores[3]); the last epoch is scored after fit (scores[5])
+    module = Scripted([0.0, 0.3, 0.0, 0.4, 0.0, 0.9])
+    assert run(module, tmp_path, 5, from_scratch=True, every=2) == 5
+    assert module.w.item() == pytest.approx(5.0)
+    module = Scripted([0.0, 0.3, 0.0, 0.4, 0.0, 0.1])  # a worse last epoch: the best validated one stays
+    assert run(module, tmp_path, 5, from_scratch=True, every=2) == 4
+    assert module.w.item() == pytest.approx(4.0)
 
 
 def test_monitor_uses_k10_or_the_largest_cutoff():

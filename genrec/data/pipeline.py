@@ -404,26 +404,33 @@ def load_or_prepare(cfg: DataConfig, prepared_dir: str | os.PathLike | None, ove
         return prepare(cfg)
     # One process prepares, the others (DDP ranks, which build their datamodules before any process group exists,
     # and concurrent runs sharing the cache) wait for it and read the finished folder. Only the first rank
-    # overwrites: the others reuse its result, and the source check below still refuses a stale folder loudly.
+    # overwrites: the others reuse its result, and the source check still refuses a stale folder loudly.
     overwrite = overwrite and not _secondary_rank()
+    if not overwrite and read_marker(prepared_dir) is not None:
+        return _reuse(cfg, Path(prepared_dir))  # a finished folder is read without the lock (read-only storage)
     with exclusive(prepared_dir):
-        if not overwrite and read_marker(prepared_dir) is not None:
-            path = Path(prepared_dir)
-            meta = json.loads((path / "meta.json").read_text())
-            hint = f"use another prepared folder, or pass overwrite to re-prepare {path}"
-            require_same(meta.get("content_config") or content_config(meta["config"]), content_config(cfg),
-                         f"prepared folder {path}", hint)
-            if meta.get("sources", {}) != source_fingerprint(cfg):
-                raise RunMismatchError(f"prepared folder {path}: its source files changed since it was prepared "
-                                       f"(size or modification time); {hint}")
-            return _with_request(PreparedDataset.load(path), cfg)
+        if not overwrite and read_marker(prepared_dir) is not None:  # another process finished it meanwhile
+            return _reuse(cfg, Path(prepared_dir))
         ds = prepare(cfg)  # the saved folder, memory-mapped: what every later run (and every other rank) reads
         return _with_request(PreparedDataset.load(ds.save(prepared_dir, overwrite=overwrite)), cfg)
 
 
+def _reuse(cfg: DataConfig, path: Path) -> PreparedDataset:
+    meta = json.loads((path / "meta.json").read_text())
+    hint = f"use another prepared folder, or pass overwrite to re-prepare {path}"
+    require_same(meta.get("content_config") or content_config(meta["config"]), content_config(cfg),
+                 f"prepared folder {path}", hint)
+    if meta.get("sources", {}) != source_fingerprint(cfg):
+        raise RunMismatchError(f"prepared folder {path}: its source files changed since it was prepared "
+                               f"(size or modification time); {hint}")
+    return _with_request(PreparedDataset.load(path), cfg)
+
+
 def _secondary_rank() -> bool:
-    """A non-first process of a distributed launch (torchrun sets RANK; Lightning's launcher LOCAL_RANK/NODE_RANK)."""
-    return any(int(os.environ.get(k, "0") or 0) > 0 for k in ("RANK", "LOCAL_RANK", "NODE_RANK"))
+    """A non-first process of a distributed launch: torchrun (RANK), Lightning's launcher (LOCAL_RANK, NODE_RANK),
+    SLURM (SLURM_PROCID), MPI (OMPI_COMM_WORLD_RANK, PMI_RANK)."""
+    keys = ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID", "OMPI_COMM_WORLD_RANK", "PMI_RANK")
+    return any(int(os.environ.get(k, "0") or 0) > 0 for k in keys)
 
 
 def _with_request(ds: PreparedDataset, cfg: DataConfig) -> PreparedDataset:
