@@ -71,7 +71,9 @@ def name_checkpoints(callbacks, folder: Path) -> None:
     mine = [cb for cb in callbacks if isinstance(cb, ModelCheckpoint) and cb.dirpath is None]
     monitored = [cb for cb in mine if cb.monitor is not None and cb.save_top_k == 1 and cb.filename is None]
     for cb in mine:
-        cb.dirpath = str(folder)
+        # realpath, as ModelCheckpoint does with a dirpath of its own: a resumed fit must find the same string, or
+        # Lightning drops the callback's best-model state and versions the file names
+        cb.dirpath = os.path.realpath(folder)
         if cb.filename is not None or cb.save_top_k != 1:
             continue
         if cb.monitor is not None:

@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
@@ -66,7 +67,7 @@ def test_sweep_configs_drive_the_cli(path):
 
 
 @pytest.mark.slow
-def test_cli_fit_then_validate_from_checkpoint(monkeypatch, tmp_path):
+def test_cli_fit_then_validate_from_checkpoint(monkeypatch, tmp_path, capsys):
     """`genrec fit` then `genrec validate --ckpt_path` (LightningCLI re-parses the checkpoint's hyper-parameters)."""
     from genrec.cli import main
 
@@ -86,6 +87,17 @@ def test_cli_fit_then_validate_from_checkpoint(monkeypatch, tmp_path):
     main(fit)  # a second run never overwrites the first one's config or checkpoints
     runs = sorted(root.glob("fit-*"))
     assert len(runs) == 2 and all((r / "config.yaml").exists() and (r / "best.ckpt").exists() for r in runs)
+    # `last` means the newest run folder's last.ckpt (Lightning would look in <root>/checkpoints and find nothing)
+    capsys.readouterr()
+    main(["validate", *common, "--ckpt_path", "last"])
+    newest = max((r / "last.ckpt" for r in runs), key=lambda p: p.stat().st_mtime)
+    assert str(newest.relative_to(tmp_path)) in capsys.readouterr().out
+    # resuming a fit from one of our checkpoints continues in that folder, keeping the first config
+    main([*fit[:-4], "--trainer.max_epochs", "2", "--trainer.check_val_every_n_epoch", "1", "--ckpt_path",
+          str(runs[0] / "last.ckpt")])
+    assert len(list(root.glob("fit-*"))) == 2 and (runs[0] / "config-1.yaml").exists()
+    assert torch.load(runs[0] / "last.ckpt", weights_only=True)["epoch"] == 1
+    assert main(["validate", *common, "--trainer.default_root_dir", "nowhere", "--ckpt_path", "best"]) == 2
 
 
 @pytest.mark.slow
