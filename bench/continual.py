@@ -147,6 +147,9 @@ def main() -> dict:
                         "through continual.init_from); keys `<method>/<metric>/{mean,ci95_low,ci95_high}` over "
                         "seeds and `<method>_vs_<baseline>/<metric>/p_value` (paired, same instances)")
     p.add_argument("--workdir", default=None, help="keep run folders here (default: a temporary folder)")
+    p.add_argument("--init_from", default=None,
+                   help="start every run from this earlier run folder's finished period 0 (same data and period-0 "
+                        "settings), e.g. a run of an earlier bench/continual --workdir")
     p.add_argument("--synthetic", action="store_true",
                    help="use the synthetic catalogue (its category transitions drift from 60%% of the time axis on) "
                         "instead of --data")
@@ -158,7 +161,7 @@ def main() -> dict:
     runs: dict[str, dict[int, tuple[Path, dict]]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(args.workdir or tmp)
-        shared = None  # the first run's folder: every other run starts from its period 0
+        shared = args.init_from  # the first run's folder: every other run starts from its period 0
         for method in args.methods:
             for seed in seeds:
                 run_dir = root / f"{method}_seed{seed}"
