@@ -155,14 +155,19 @@ def test_prepared_cache_is_reused_only_for_the_same_data_settings(tmp_path):
     assert load_or_prepare(other, tmp_path / "prep", overwrite=True).instances.history.shape[1] == 5
 
 
-def test_prepared_cache_notices_changed_source_files(tmp_path):
-    from genrec.data.pipeline import load_or_prepare
-
-    root = tmp_path / "data"
+def tiny_local_data(root):
+    """A canonical folder: 12 users × 4 interactions over 9 items."""
     root.mkdir()
     rows = [f"u{u},i{(u + k) % 9},{10 * u + k}" for u in range(12) for k in range(4)]
     (root / "interactions.csv").write_text("user_id,item_id,timestamp\n" + "\n".join(rows) + "\n")
     (root / "items.jsonl").write_text("".join(f'{{"item_id": "i{i}", "title": "t{i}"}}\n' for i in range(9)))
+    return root
+
+
+def test_prepared_cache_notices_changed_source_files(tmp_path):
+    from genrec.data.pipeline import load_or_prepare
+
+    root = tiny_local_data(tmp_path / "data")
     cfg = DataConfig(source="local", root=str(root), period_fractions=[1.0], cache_dir=str(tmp_path / "c"))
     load_or_prepare(cfg, tmp_path / "prep")
     with open(root / "interactions.csv", "a") as fh:
@@ -358,11 +363,7 @@ def test_help_lists_every_command_and_version(capsys):
 def test_a_reused_prepared_cache_serves_the_request_encoder_and_seed(tmp_path):
     from genrec.data.pipeline import load_or_prepare
 
-    root = tmp_path / "data"
-    root.mkdir()
-    rows = [f"u{u},i{(u + k) % 9},{10 * u + k}" for u in range(12) for k in range(4)]
-    (root / "interactions.csv").write_text("user_id,item_id,timestamp\n" + "\n".join(rows) + "\n")
-    (root / "items.jsonl").write_text("".join(f'{{"item_id": "i{i}", "title": "t{i}"}}\n' for i in range(9)))
+    root = tiny_local_data(tmp_path / "data")
     first = DataConfig(source="local", root=str(root), period_fractions=[1.0], cache_dir=str(tmp_path / "c"))
     load_or_prepare(first, tmp_path / "prep")
     again = DataConfig(source="local", root=str(root), period_fractions=[1.0], cache_dir=str(tmp_path / "c2"),
