@@ -8,8 +8,12 @@ training target are the cold items. Rows, all evaluated on period 1's test insta
 ``finetune`` (the base model continued on the pseudo interactions), ``upper_bound`` (true histories of the cold
 items — leaks test histories by design), ablations ``no_position_wise``, ``random_layer``, ``worst_layer``,
 ``no_one_one``. Timing (decision 8): every method from prepared knowledge to updated model, data/model loading
-excluded; the reusable C̄0 time is ``seconds/covariance``. ``--scale``: one edit call for 10,000 synthetic cold
-items (time and peak resident memory).
+excluded; the reusable C̄0 time is ``seconds/covariance``. ``retrain`` / ``finetune`` keep their best epoch on period
+1's validation (``<row>/selected_epoch``; the fine-tune may keep its start; retrain validates every
+``--select_every`` epochs and at the last), as the edit chooses λ there. ``edit/time_ratio`` = edit time (λ selection
+excluded) / retrain training time (``seconds/retrain`` minus ``seconds/retrain/validation``);
+``edit/time_ratio_with_selection`` divides by the whole retrain. ``--scale``: one edit call for 10,000 synthetic cold
+items (time and peak resident memory). ``{seed}`` in ``--save_ckpt`` / ``--ckpt`` gives one base per seed.
 """
 
 from __future__ import annotations

@@ -39,6 +39,8 @@ def usage() -> str:
     lines = [f"usage: genrec <command> [--help] [options]     (genrec {__version__})", "", "commands:"]
     lines += [f"  {name:<10} {desc}" for name, (_, desc) in COMMANDS.items()]
     lines += ["", "`genrec <command> --help` lists every option with its default and doc.",
+              "--config FILE: input paths in FILE (data.root, reviews_path, ckpt_path, …) are relative to FILE;",
+              "outputs (default_root_dir, output_dir, prepared_dir, …) and command-line paths to the current folder.",
               "--debug (or GENREC_DEBUG=1) shows the traceback of an error;",
               "--verbose (or GENREC_VERBOSE=1) keeps third-party log lines and warnings; --version the version."]
     return "\n".join(lines)

@@ -98,7 +98,7 @@ def atomic_torch_save(obj, path: str | os.PathLike) -> Path:
 
 # ----------------------------------------------------------------------------- folders that are ours
 @contextlib.contextmanager
-def exclusive(path: str | os.PathLike, what: str = "folder"):
+def exclusive(path: str | os.PathLike):
     """Hold an inter-process lock beside ``path`` (``.<name>.lock`` in its parent): the first process (DDP rank,
     or a concurrent run sharing a cache) does the work, the others wait for it and then reuse the result."""
     from filelock import FileLock

@@ -30,33 +30,28 @@ def fit_selecting_on_val(make_trainer: Callable, module, folder: Path, *, epochs
             module = module.to(device)
         start = module.evaluate_loader(val_loader).get(monitor)
         start_state = {k: v.detach().clone() for k, v in module.state_dict().items()}
+    every = max(min(every, epochs), 1)
     ckpt = ModelCheckpoint(dirpath=str(folder), monitor=monitor, mode="max", save_top_k=1, save_weights_only=True)
-    trainer = make_trainer(check_val_every_n_epoch=max(min(every, epochs), 1), callbacks=[ckpt])
+    trainer = make_trainer(check_val_every_n_epoch=every, callbacks=[ckpt])
     if datamodule is not None:
         trainer.fit(module, datamodule=datamodule)
     else:
         trainer.fit(module, train_dataloaders=train_loader, val_dataloaders=val_loader)
     best = None if ckpt.best_model_score is None else float(ckpt.best_model_score)
-    every = max(min(every, epochs), 1)
+    last = None
     if epochs % every and trainer.current_epoch == epochs:
         # the last epoch fell between validations: score it too, so it can be chosen like any other
         last = float(trainer.validate(module, dataloaders=val_loader, verbose=False)[0][monitor])
-        if best is None or last > best:
-            shutil.rmtree(folder, ignore_errors=True)
-            return epochs if start is None or last > start else _restore_start(module, start_state)
-    if start is not None and (best is None or start >= best):
-        module.load_state_dict(start_state)  # training never beat the starting point on validation
+    candidates = {"start": start, "best": best, "last": last}
+    choice = max((k for k, v in candidates.items() if v is not None), key=lambda k: candidates[k], default="last")
+    if choice == "start":  # ties go to the start: training never beat it on validation
+        module.load_state_dict(start_state)
         chosen = 0
-    elif best is not None:
+    elif choice == "best":
         saved = torch.load(ckpt.best_model_path, map_location="cpu", weights_only=True)
         module.load_state_dict(saved["state_dict"])
         chosen = int(saved["epoch"]) + 1
-    else:
+    else:  # the module as trained: the unvalidated last epoch, or no validation at all
         chosen = epochs
     shutil.rmtree(folder, ignore_errors=True)
     return chosen
-
-
-def _restore_start(module, start_state) -> int:
-    module.load_state_dict(start_state)
-    return 0
