@@ -17,7 +17,6 @@ from genrec.tokenizers.dact import (
     anchor_loss,
     build_dact_model,
     confidence_regularizer,
-    dact_fit,
     global_kl_loss,
     mix_latents,
     num_drifting,
@@ -235,12 +234,29 @@ def test_dact_loss_is_sum_of_terms_and_starts_at_old_model():
     assert ids == {id(p) for p in dm.current.parameters()} | {id(p) for p in dm.cdim.parameters()}
 
 
+def fit_dact(previous: RQVAE, config: DACTConfig, x, cf, epochs: int | None = None) -> tuple[DACTModel, dict]:
+    """DACT's one training loop (``lightning_modules.dact.DACTModule`` under a Trainer) on arrays;
+    returns the trained model pair and the last epoch's logged metrics."""
+    import lightning as L
+
+    from datamodules.item_embeddings import ItemEmbeddingDataModule
+    from lightning_modules.dact import DACTModule
+
+    L.seed_everything(config.seed, verbose=False)
+    module = DACTModule.from_model(previous, config, code_change_every_n_epochs=0)
+    data = ItemEmbeddingDataModule.from_arrays(np.asarray(x), np.asarray(cf), batch_size=config.batch_size)
+    trainer = L.Trainer(max_epochs=config.epochs if epochs is None else epochs, accelerator="cpu", logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(module, datamodule=data)
+    assert trainer.current_epoch == trainer.max_epochs
+    return module.model.eval(), {k: float(v) for k, v in trainer.callback_metrics.items()}
+
+
 def test_dact_fit_updates_current_only_and_old_stays_in_eval():
     model, x, cf = tiny_rqvae()
-    dm = DACTModel(model, DACTConfig(batch_size=16, lr=1e-2, warmup_epochs=0))
-    old_state = {k: v.clone() for k, v in dm.old.state_dict().items()}
-    hist = dact_fit(dm, x, cf, epochs=2)
-    assert len(hist) == 2 and all(math.isfinite(h["loss"]) for h in hist)
+    old_state = {k: v.clone() for k, v in model.state_dict().items()}
+    dm, logs = fit_dact(model, DACTConfig(batch_size=16, lr=1e-2, warmup_epochs=0), x, cf, epochs=2)
+    assert math.isfinite(logs["dact/train/loss"])
     assert all(torch.equal(v, dm.old.state_dict()[k]) for k, v in old_state.items())
     assert not torch.equal(dm.current.encoder[0].weight, dm.old.encoder[0].weight)
     dm.train()
@@ -452,9 +468,7 @@ def test_end_to_end_dact_changes_fewer_codes_than_plain_finetuning():
         "dact": DACTConfig(**common),
         "plain": DACTConfig(differentiated_update=False, global_kl=False, reassignment=False, **common),
     }.items():
-        dm = DACTModel(model, cfg)
-        hist = dact_fit(dm, x, cf1)
-        assert len(hist) == 2
+        dm, _ = fit_dact(model, cfg, x, cf1)
         level1 = dm.code_change(x)["code_change_level1"]
         table = reassign(old, items, x, dm.current, reassign_mode(cfg))
         results[name] = (level1, table.stats["overall"])

@@ -15,7 +15,8 @@ from genrec.data.config import DataConfig
 from genrec.data.pipeline import item_embeddings
 from genrec.data.splits import TRAIN
 from genrec.data.synthetic import SyntheticConfig
-from genrec.editing import EditConfig, GenRecEditor, PositionEdits, SidTableMismatchError, score_with_edit
+from genrec.decoding.reference import reference_score_sids
+from genrec.editing import EditConfig, GenRecEditor, PositionEdits, SidTableMismatchError
 from genrec.editing.keys import ffn_out_proj
 from genrec.models.tiger import TigerConfig
 from genrec.tokenizers.sid import SemanticIdTable
@@ -95,8 +96,8 @@ def test_callback_edits_cold_items_and_checkpoint_round_trip(trained):
                                              train.target)
     ids, mask = module_history_encoder(module)(know.histories)
     tokens = torch.from_numpy(module.sid_table.tokens_of(know.items))
-    base = score_with_edit(module.t5, ids, mask, tokens, None)
-    edited = score_with_edit(module.t5, ids, mask, tokens, edits)
+    base = reference_score_sids(module.t5, ids, mask, tokens, None)
+    edited = reference_score_sids(module.t5, ids, mask, tokens, edits)
     assert (edited.sum(1) > base.sum(1)).float().mean() > 0.9
 
     # Checkpoint round trip: saved with the edit, restored by load_edits and by a Trainer's ckpt_path.

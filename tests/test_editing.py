@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from genrec.decoding.reference import reference_score_sids
 from genrec.editing import (
     EditConfig,
     GenRecEditor,
@@ -20,7 +21,6 @@ from genrec.editing import (
     preserved_covariances,
     probe_accuracy,
     pseudo_knowledge,
-    score_with_edit,
     solve_update,
     true_history_knowledge,
 )
@@ -146,11 +146,11 @@ def test_one_one_changes_only_own_position(sid_table, train_data):
     model = tiny_model(sid_table)
     history, target = train_data
     ids, mask, tokens = _inputs(sid_table, history[:8], target[:8])
-    base = score_with_edit(model, ids, mask, tokens, None)
-    empty = score_with_edit(model, ids, mask, tokens, _random_edits(sid_table, {}))
+    base = reference_score_sids(model, ids, mask, tokens, None)
+    empty = reference_score_sids(model, ids, mask, tokens, _random_edits(sid_table, {}))
     torch.testing.assert_close(empty, base, rtol=0, atol=1e-5)
     for p in range(4):
-        edited = score_with_edit(model, ids, mask, tokens, _random_edits(sid_table, {p: 1}))
+        edited = reference_score_sids(model, ids, mask, tokens, _random_edits(sid_table, {p: 1}))
         others = [q for q in range(4) if q != p]
         assert torch.equal(edited[:, others], empty[:, others])  # exact: identical computations
         assert (edited[:, p] - empty[:, p]).abs().min() > 1e-4
@@ -163,10 +163,10 @@ def test_one_one_prefix_states_unedited(sid_table, train_data):
     states = []
     handle = model.decoder.register_forward_hook(lambda m, i, o: states.append(o.last_hidden_state.clone()))
     try:
-        score_with_edit(model, ids, mask, tokens, _random_edits(sid_table, {}))
+        reference_score_sids(model, ids, mask, tokens, _random_edits(sid_table, {}))
         plain = list(states)
         states.clear()
-        score_with_edit(model, ids, mask, tokens, _random_edits(sid_table, {p: 0 for p in range(4)}))
+        reference_score_sids(model, ids, mask, tokens, _random_edits(sid_table, {p: 0 for p in range(4)}))
     finally:
         handle.remove()
     for p in range(4):
@@ -182,9 +182,9 @@ def test_position_zero_equals_merged_weights_but_later_positions_do_not(sid_tabl
         # Layer 0: the edited prefix states reach step p through layer 1's self-attention (an edit in the
         # last layer could not influence later steps at all).
         edits = _random_edits(sid_table, {p: 0}, scale=1.0, seed=p)
-        one_one = score_with_edit(model, ids, mask, tokens, edits)
+        one_one = reference_score_sids(model, ids, mask, tokens, edits)
         with edits.merged(model):
-            merged = score_with_edit(model, ids, mask, tokens, None)
+            merged = reference_score_sids(model, ids, mask, tokens, None)
         if p == 0:  # one time step: one-one and merged coincide
             torch.testing.assert_close(one_one[:, 0], merged[:, 0], rtol=1e-5, atol=1e-5)
         else:  # merged also edits the recomputed prefix (and other positions)
@@ -201,7 +201,7 @@ def test_removal_is_bit_identical_and_weights_untouched(sid_table, train_data):
     with torch.no_grad():
         before = model(input_ids=ids, attention_mask=mask, decoder_input_ids=dec).logits
     edits = _random_edits(sid_table, {0: 0, 1: 1, 2: 1, 3: 0})
-    score_with_edit(model, ids, mask, tokens, edits)
+    reference_score_sids(model, ids, mask, tokens, edits)
     with edits.merged(model):
         pass
     del edits
@@ -510,8 +510,8 @@ def test_editor_end_to_end_raises_cold_item_scores(sid_table, train_data):
     # The edit raises the cold SIDs' likelihood on the pseudo histories it was built from.
     know = GenRecEditor(cfg).build_knowledge(cold_items, cold_emb, np.arange(N_WARM), warm_emb, history, target)
     ids, mask, tokens = _inputs(sid_table, know.histories, know.items)
-    base = score_with_edit(model, ids, mask, tokens, None)
-    edited = score_with_edit(model, ids, mask, tokens, edits)
+    base = reference_score_sids(model, ids, mask, tokens, None)
+    edited = reference_score_sids(model, ids, mask, tokens, edits)
     assert (edited.sum(1) > base.sum(1)).float().mean() > 0.9
 
 
@@ -603,7 +603,7 @@ def test_editor_upper_bound_is_flagged(sid_table, train_data):
 
 # ------------------------------------------------------------------------------------------ diagnostics
 def test_top1_hits_match_teacher_forced_argmax_with_and_without_edit(sid_table, train_data):
-    """The cached-decoder diagnostic equals argmax over each position's token range of score_with_edit's
+    """The cached-decoder diagnostic equals argmax over each position's token range of reference_score_sids's
     reference (full recompute, One-One hook) — unedited and edited."""
     from genrec.editing.diagnostics import top1_hits, top1_rates
 
@@ -620,7 +620,7 @@ def test_top1_hits_match_teacher_forced_argmax_with_and_without_edit(sid_table, 
             lo, width = int(offsets[p]), int(sizes[p])
             cands = tokens[:, None, :].repeat(1, width, 1)
             cands[:, :, p] = torch.arange(lo, lo + width)
-            scores = torch.stack([score_with_edit(model, ids, mask, cands[:, c], edit)[:, p] for c in range(width)], 1)
+            scores = torch.stack([reference_score_sids(model, ids, mask, cands[:, c], edit)[:, p] for c in range(width)], 1)
             want[:, p] = scores.argmax(1) + lo == tokens[:, p]
         assert torch.equal(got, want)
     assert not torch.equal(top1_hits(model, ids, mask, tokens, sid_table, None),

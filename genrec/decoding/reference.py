@@ -7,7 +7,8 @@ They are slow and exist to pin the fast path (``beam_search.py``) down:
   cache, so every step recomputes the whole decoder, and a forward hook on the edited layer's ``wo``
   adds ``edit.delta`` at the last time step only: the literal One-One semantics of the GenRecEdit
   code (specs/genrecedit.md §6.1).
-* :func:`reference_score_sids` — one full teacher-forced forward per SID position with the same hook.
+* :func:`reference_score_sids` — one full teacher-forced forward per SID position with the same hook (the
+  one reference scorer: the editing tests use it too).
 """
 
 from __future__ import annotations
@@ -161,16 +162,24 @@ def reference_score_sids(
     sid_tokens: torch.Tensor,
     edit: FFNEdit | None = None,
 ) -> torch.Tensor:
-    """(B, L+1) SIDs → (B, L+1) per-position log-probs via one full forward per position."""
+    """(B, L+1) SIDs → (B, L+1) teacher-forced log p(t_p | x, t_<p), one full forward per position.
+
+    The one reference scorer (fast path: ``beam_search.score_sids``): with an ``edit``, position p is scored by
+    a full recompute over ``[0, t_0..t_{p-1}]`` with ``edit.delta(p, key)`` added at the last time step only
+    (``last_step_edit_hooks``), so prefix states are those of the unedited model (One-One semantics). Inputs
+    move to the model's device; runs in eval mode; the weights are untouched.
+    """
+    device = next(model.parameters()).device
+    input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+    sid_tokens = sid_tokens.to(device).long()
     bsz, depth = sid_tokens.shape
-    dec_in = torch.cat([torch.full((bsz, 1), PAD_TOKEN, dtype=torch.long), sid_tokens.long()], dim=1)
+    start = torch.full((bsz, 1), PAD_TOKEN, dtype=torch.long, device=device)
+    dec_in = torch.cat([start, sid_tokens], dim=1)
     out = []
     with eval_mode(model), last_step_edit_hooks(model, edit, depth):
         for p in range(depth):
             logits = model(
                 input_ids=input_ids, attention_mask=attention_mask, decoder_input_ids=dec_in[:, : p + 1]
             ).logits[:, -1]
-            out.append(
-                F.log_softmax(logits.float(), -1).gather(1, sid_tokens[:, p : p + 1].long()).squeeze(1)
-            )
+            out.append(F.log_softmax(logits.float(), -1).gather(1, sid_tokens[:, p : p + 1]).squeeze(1))
     return torch.stack(out, dim=1)

@@ -3,7 +3,7 @@
 from genrec.editing.closed_form import KeyResidualStats, closed_form_update, solve_update
 from genrec.editing.covariance import model_fingerprint, preserved_covariances
 from genrec.editing.editor import EditConfig, EditReport, GenRecEditor
-from genrec.editing.edits import PositionEdits, SidTableMismatchError, score_with_edit
+from genrec.editing.edits import PositionEdits, SidTableMismatchError
 from genrec.editing.knowledge import (
     EditKnowledge,
     SidHistoryEncoder,
@@ -34,7 +34,6 @@ __all__ = [
     "probe_accuracy",
     "probe_accuracy_matrix",
     "pseudo_knowledge",
-    "score_with_edit",
     "solve_update",
     "true_history_knowledge",
 ]

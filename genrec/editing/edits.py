@@ -9,8 +9,7 @@ passing it to the decoder.
 duration of a ``with`` block (every step, every time step), then the original weights are restored bit for
 bit. ``merge_into`` does the same permanently (the "merge before the next period" option of decision 6).
 
-``score_with_edit`` is the reference teacher-forced scorer with One-One semantics: one full recompute per
-position, the edit active only at the last time step, so prefix states are those of the unedited model.
+The reference teacher-forced scorer with One-One semantics is ``genrec.decoding.reference.reference_score_sids``.
 """
 
 from __future__ import annotations
@@ -23,15 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from genrec.editing.keys import (
-    decoder_inputs,
-    decoder_logits,
-    encode,
-    eval_mode,
-    ffn_out_proj,
-    model_device,
-    wo_hooks,
-)
+from genrec.editing.keys import ffn_out_proj
 from genrec.models.ffn_edit import FFNEdit
 
 STATE_FORMAT = "genrec.position_edits/1"
@@ -201,45 +192,3 @@ class PositionEdits:
             f"PositionEdits(layers={self.layers}, cov_lambda={self.cov_lambda}, "
             f"cold_items={len(self.cold_items)}, one_one={self.one_one})"
         )
-
-
-@torch.no_grad()
-def score_with_edit(
-    model: nn.Module,
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor,
-    sid_tokens: torch.Tensor,
-    edit: FFNEdit | None = None,
-) -> torch.Tensor:
-    """Teacher-forced log p(t_p | x, t_<p) for every SID position, shape (b, L+1), One-One semantics.
-
-    Position p is scored by a full recompute over ``[0, t_0..t_{p-1}]`` with ``edit.delta(p, key)`` added to the
-    ``wo`` output of ``edit.layer_for_position(p)`` at the last time step only; earlier steps are unedited.
-    Without an edit one pass scores all positions (causal decoder). Runs in eval mode; weights untouched.
-    """
-    device = model_device(model)
-    input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
-    sid_tokens = sid_tokens.to(device).long()
-    length = sid_tokens.shape[1]
-    with eval_mode(model):
-        enc = encode(model, input_ids, attention_mask)
-        if edit is None:
-            logits = decoder_logits(model, enc, attention_mask, decoder_inputs(sid_tokens, length))
-            return torch.log_softmax(logits.float(), -1).gather(-1, sid_tokens[..., None]).squeeze(-1)
-        out = torch.empty(sid_tokens.shape, dtype=torch.float32, device=sid_tokens.device)
-        for p in range(length):
-            dec = decoder_inputs(sid_tokens, p + 1)
-            layer = edit.layer_for_position(p)
-            hooks = {}
-            if layer is not None:
-
-                def hook(module, inputs, output, p=p):
-                    out_ = output.clone()
-                    out_[:, -1] = out_[:, -1] + edit.delta(p, inputs[0][:, -1]).to(out_.dtype)
-                    return out_
-
-                hooks = {layer: hook}
-            with wo_hooks(model, hooks):
-                logits = decoder_logits(model, enc, attention_mask, dec)[:, -1].float()
-            out[:, p] = torch.log_softmax(logits, -1).gather(-1, sid_tokens[:, p, None]).squeeze(-1)
-        return out

@@ -25,6 +25,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from genrec.hashing import splitmix64
 from genrec.models.tiger import encode_histories
 from genrec.tokenizers.sid import SemanticIdTable
 
@@ -129,24 +130,14 @@ class EditKnowledge:
         return prefix, tokens
 
 
-def _mix64(x: np.ndarray) -> np.ndarray:
-    """splitmix64 finaliser: a fixed, well-spread 64-bit hash of uint64 values."""
-    with np.errstate(over="ignore"):
-        x = x + np.uint64(0x9E3779B97F4A7C15)
-        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        return x ^ (x >> np.uint64(31))
-
-
 def _priority(seed: int, cold_item: np.ndarray, hist_id: np.ndarray) -> np.ndarray:
     """Seeded pseudo-random priority of each (cold item, distinct history) pair.
 
     A hash rather than an RNG stream, so the draw does not depend on chunking or on the order of candidates.
     """
-    with np.errstate(over="ignore"):
-        h = _mix64(np.full(cold_item.shape, seed, dtype=np.uint64))
-        h = _mix64(h ^ cold_item.astype(np.uint64))
-        return _mix64(h ^ hist_id.astype(np.uint64))
+    h = splitmix64(np.full(cold_item.shape, seed, dtype=np.uint64))
+    h = splitmix64(h ^ cold_item.astype(np.uint64))
+    return splitmix64(h ^ hist_id.astype(np.uint64))
 
 
 def _check_pseudo_inputs(cold_items, neighbours, train_history, train_target, histories_per_item: int, policy: str):

@@ -23,6 +23,7 @@ import torch
 from transformers import T5Config, T5ForConditionalGeneration
 
 from genrec.errors import ConfigError
+from genrec.hashing import splitmix64
 from genrec.tokenizers.sid import PAD_TOKEN, SemanticIdTable
 
 _FFN_KINDS = ("gated-silu", "relu")
@@ -133,16 +134,11 @@ def _as_numpy_int64(x, name: str) -> np.ndarray:
 def user_token_ids(user_ids, num_user_tokens: int, sid_vocab_size: int) -> np.ndarray:
     """Hashed user token of each user id: ``sid_vocab_size + hash(user) mod num_user_tokens``.
 
-    The hash is a fixed 64-bit mix (splitmix64 finaliser), so the mapping is the same in every run.
+    The hash is ``genrec.hashing.splitmix64``, so the mapping is the same in every run.
     """
     if num_user_tokens <= 0:
         raise ValueError("user_token_ids needs num_user_tokens > 0")
-    u = _as_numpy_int64(user_ids, "user_ids").astype(np.uint64)
-    with np.errstate(over="ignore"):
-        u = u + np.uint64(0x9E3779B97F4A7C15)
-        u = (u ^ (u >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        u = (u ^ (u >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        u = u ^ (u >> np.uint64(31))
+    u = splitmix64(_as_numpy_int64(user_ids, "user_ids").astype(np.uint64))
     return (u % np.uint64(num_user_tokens)).astype(np.int64) + int(sid_vocab_size)
 
 

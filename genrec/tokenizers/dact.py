@@ -19,8 +19,8 @@ all items (+ γ·L_global unless disabled); ``global_kl=False`` drops L_global; 
 makes the code reassignment re-infer every code (``reassign_mode``).
 
 The pure functions below work on plain tensors; ``DACTModel`` wires them to a frozen old RQ-VAE and a
-trainable current one; ``dact_fit`` is a Lightning-free training loop (``lightning_modules.dact`` wraps
-the same ``DACTModel`` for Lightning).
+trainable current one. Training has one loop: ``lightning_modules.dact.DACTModule`` (reference recipe:
+AdamW, linear warm-up then decay, gradient-norm clip) under a Lightning Trainer.
 """
 
 from __future__ import annotations
@@ -30,13 +30,11 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Literal
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from genrec.errors import ConfigError
-from genrec.schedules import warmup_schedule
 from genrec.tokenizers.rqvae import RQVAE
 
 
@@ -81,7 +79,7 @@ class DACTConfig:
     weight_decay: float = 1e-4
     """AdamW weight decay."""
     epochs: int = 5000
-    """Training epochs (the reference counts epochs, not steps; decision 7). Used by ``dact_fit``."""
+    """Training epochs (the reference counts epochs, not steps; decision 7): the Trainer's ``max_epochs``."""
     warmup_epochs: int = 50
     """Linear learning-rate warm-up length in epochs, then linear decay to 0 at the last step."""
     batch_size: int = 1024
@@ -89,7 +87,7 @@ class DACTConfig:
     grad_clip: float = 1.0
     """Gradient-norm clipping (0 disables)."""
     seed: int = 2024
-    """Seed of ``dact_fit`` (shuffling, random selection in the w/o-CDIM ablation); ``genrec continual`` sets it
+    """Seed of the random selection in the w/o-CDIM ablation (``DACTModule`` seeds its generator with it); ``genrec continual`` sets it
     to its own seed + period."""
 
     def __post_init__(self) -> None:
@@ -440,74 +438,6 @@ def build_dact_model(
     return model
 
 
-# --------------------------------------------------------------------------------------------- plain loop
-
-
-def _as_float_tensor(a, name: str) -> torch.Tensor:
-    t = torch.as_tensor(np.asarray(a) if not torch.is_tensor(a) else a).float()
-    if t.ndim != 2:
-        raise ValueError(f"{name} must be a 2-D (n_items, dim) matrix, got shape {tuple(t.shape)}")
-    return t
-
-
-def dact_fit(
-    model: DACTModel,
-    embeddings,
-    cf_embeddings,
-    epochs: int | None = None,
-    device: str | torch.device = "cpu",
-    log_every_epochs: int = 0,
-    callback=None,
-) -> list[dict[str, float]]:
-    """Fine-tune ``model.current`` (and CDIM) with the reference recipe, without Lightning.
-
-    AdamW(lr, weight_decay), shuffled mini-batches of ``config.batch_size`` (seeded by ``config.seed``),
-    linear warm-up over ``warmup_epochs`` epochs then linear decay to 0, gradient-norm clip
-    ``grad_clip``. ``epochs`` overrides ``config.epochs``. Returns one dict of epoch-mean terms per
-    epoch; ``callback(epoch, logs)`` is called after each epoch (e.g. to log code change).
-    """
-    c = model.config
-    x = _as_float_tensor(embeddings, "embeddings")
-    cf = _as_float_tensor(cf_embeddings, "cf_embeddings")
-    if cf.shape[0] != x.shape[0]:
-        raise ValueError(
-            f"cf_embeddings has {cf.shape[0]} rows but embeddings has {x.shape[0]} (row i = item i)"
-        )
-    epochs = c.epochs if epochs is None else epochs
-    n = x.shape[0]
-    steps_per_epoch = math.ceil(n / c.batch_size)
-    total = max(1, epochs * steps_per_epoch)
-    warmup = c.warmup_epochs * steps_per_epoch
-    model.to(device)
-    gen = torch.Generator().manual_seed(c.seed)
-    model.generator = gen
-    opt = torch.optim.AdamW(model.trainable_parameters(), lr=c.lr, weight_decay=c.weight_decay)
-    sched = warmup_schedule(opt, "linear", warmup, total)
-    history: list[dict[str, float]] = []
-    model.train()
-    for epoch in range(epochs):
-        sums: dict[str, float] = {}
-        for rows in torch.randperm(n, generator=gen).split(c.batch_size):
-            out = model(x[rows].to(device), cf[rows].to(device))
-            opt.zero_grad(set_to_none=True)
-            out["loss"].backward()
-            if c.grad_clip > 0:
-                nn.utils.clip_grad_norm_(model.trainable_parameters(), c.grad_clip)
-            opt.step()
-            sched.step()
-            for key, val in out.items():
-                sums[key] = sums.get(key, 0.0) + float(val.detach())
-        logs = {key: val / steps_per_epoch for key, val in sums.items()}
-        logs["epoch"] = float(epoch)
-        history.append(logs)
-        if callback is not None:
-            callback(epoch, logs)
-        if log_every_epochs and (epoch + 1) % log_every_epochs == 0:
-            print(f"[dact] epoch {epoch + 1}/{epochs} " + " ".join(f"{k}={v:.4g}" for k, v in logs.items()))
-    model.eval()
-    return history
-
-
 def config_dict(config: DACTConfig) -> dict:
     """Plain dict of the config (for loggers / checkpoints)."""
     return asdict(config)
@@ -521,7 +451,6 @@ __all__ = [
     "build_dact_model",
     "confidence_regularizer",
     "config_dict",
-    "dact_fit",
     "global_kl_loss",
     "mix_latents",
     "num_drifting",
