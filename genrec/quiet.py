@@ -1,13 +1,16 @@
 """Quiet runs: third-party chatter off by default (``--verbose`` or ``GENREC_VERBOSE=1`` restores it).
 
-What goes: Lightning's info lines (GPU/TPU availability, the litlogger tip, "Seed set to", "`Trainer.fit` stopped"),
+What goes: W&B's console lines (``WANDB_SILENT``: the run folder is in our own last line), Lightning's info lines (GPU/TPU availability, the litlogger tip, "Seed set to", "`Trainer.fit` stopped"),
 deprecation / future warnings of the libraries, Lightning's hints that do not apply to our setups (small log
-interval, few dataloader workers, eval-mode submodules), and the weight-loading bars of transformers. Our own
-progress bars and status lines, real warnings and errors stay.
+interval, few dataloader workers, eval-mode submodules), the weight-loading bars of transformers and its "[INFO]
+Running in WANDB offline mode" print. Our own progress bars and status lines, real warnings and errors stay;
+warnings print on one line (no source line).
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import os
 import warnings
@@ -42,6 +45,8 @@ def quiet_third_party(verbose: bool | None = None) -> None:
     for message in _HINTS:
         warnings.filterwarnings("ignore", message=message)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("WANDB_SILENT", "true")
+    warnings.formatwarning = _one_line_warning
     try:
         from transformers.utils import logging as hf_logging
 
@@ -49,3 +54,12 @@ def quiet_third_party(verbose: bool | None = None) -> None:
         hf_logging.disable_progress_bar()
     except ImportError:  # pragma: no cover - transformers is a dependency
         pass
+
+
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    return f"{category.__name__}: {message}\n"
+
+
+def quiet_stdout():
+    """Context swallowing what a library prints to stdout on import (unless verbose)."""
+    return contextlib.nullcontext() if verbose_requested() else contextlib.redirect_stdout(io.StringIO())

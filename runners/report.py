@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import html
 import json
+import warnings
 from collections import defaultdict
 from pathlib import Path
 
@@ -84,11 +85,15 @@ def line_figure(runs, keys: dict[str, str], title: str, ylabel: str, out: Path, 
     drawn = False
     for label, key in keys.items():
         for method, (ts, vals) in _series(runs, key).items():
-            mean = np.nanmean(vals, axis=0)
+            with np.errstate(all="ignore"), warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)  # a period without the key: a gap, not a warning
+                mean = np.nanmean(vals, axis=0)
             tag = method if len(keys) == 1 else f"{method} {label}"
             ax.plot(ts, mean, marker="o", label=tag)
             if len(vals) > 1:
-                ax.fill_between(ts, np.nanmin(vals, axis=0), np.nanmax(vals, axis=0), alpha=0.2)
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", RuntimeWarning)
+                    ax.fill_between(ts, np.nanmin(vals, axis=0), np.nanmax(vals, axis=0), alpha=0.2)
             drawn = True
     if not drawn:
         plt.close(fig)

@@ -261,3 +261,48 @@ def test_report_draws_every_figure_of_a_small_run(tmp_path):
         img = mpimg.imread(f)
         assert img.shape[0] > 100 and img.std() > 0.01, f.name  # drawn, not blank
     assert main(["report", str(tmp_path / "nowhere")]) == 1
+
+
+@pytest.mark.slow
+def test_cli_run_is_quiet_shows_progress_and_ends_with_its_folder(tmp_path):
+    """`genrec continual` as a user runs it (subprocess, W&B offline): at most 2 lines that are not ours."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import yaml
+
+    config = {
+        "data": {"source": "synthetic", "name": "synthetic", "protocol": "periods",
+                 "synthetic": {"num_users": 120, "num_items": 70}, "period_fractions": [0.6, 0.2, 0.2],
+                 "cache_dir": str(tmp_path / "cache")},
+        "continual": {
+            "method": "dact", "last_period": 1, "logger": "wandb", "accelerator": "cpu", "run_dir": str(tmp_path / "run"),
+            "rqvae": {"hidden_dims": [32], "latent_dim": 8, "num_levels": 2, "codebook_size": 8, "kmeans_iters": 5},
+            "rqvae_stage": {"epochs": 2, "batch_size": 64}, "rqvae_warmup_epochs": 1,
+            "dact": {"epochs": 2, "batch_size": 64, "warmup_epochs": 0},
+            "sasrec": {"hidden": 8, "num_layers": 1}, "sasrec_stage": {"epochs": 1, "batch_size": 64},
+            "sasrec_finetune_stage": {"epochs": 1, "batch_size": 64},
+            "tiger": {"num_encoder_layers": 1, "num_decoder_layers": 1, "d_model": 16, "num_heads": 2, "d_kv": 8,
+                      "d_ff": 32},
+            "tiger_stage": {"epochs": 2, "batch_size": 64}, "tiger_finetune_stage": {"epochs": 1, "batch_size": 64},
+            "tiger_warmup_steps": 2, "num_beams": 8, "ks": [5, 8], "suffix_size": 32,
+        },
+    }
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(config))
+    env = {k: v for k, v in os.environ.items() if k not in ("GENREC_VERBOSE", "WANDB_SILENT")}
+    env.update(WANDB_MODE="offline", HF_HUB_OFFLINE="1", PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    proc = subprocess.run([sys.executable, "-m", "genrec", "continual", "--config", str(path)], env=env, check=False,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = [ln.strip() for ln in (proc.stdout + proc.stderr).replace("\r", "\n").splitlines() if ln.strip()]
+    table = lines.index("dact: per-period results")
+    ours = ("[continual dact]", "[edit]", "Batches:")  # our status lines; the embedding progress bar
+    foreign = [ln for i, ln in enumerate(lines) if not ln.startswith(ours) and not table <= i < table + 4]
+    assert len(foreign) <= 2, foreign
+    for stage in ("sasrec", "rqvae", "tiger", "dact"):
+        assert any(ln.startswith("[continual dact] [period") and f" {stage}] epoch" in ln for ln in lines), stage
+    assert proc.stdout.strip().splitlines()[-1] == f"[continual dact] outputs: {tmp_path / 'run'}"
+    assert len(list((tmp_path / "run" / "wandb").glob("offline-run-*"))) == 1

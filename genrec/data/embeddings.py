@@ -35,7 +35,10 @@ def resolve_model_path(name: str) -> str:
 
 
 def load_encoder(name: str, device: str | None = None):
-    from sentence_transformers import SentenceTransformer
+    from genrec.quiet import quiet_stdout
+
+    with quiet_stdout():  # transformers prints "[INFO] Running in WANDB offline mode" on import
+        from sentence_transformers import SentenceTransformer
 
     path = resolve_model_path(name)
     try:
