@@ -91,6 +91,19 @@ def method_results(method: str, results: dict) -> dict:
     return res
 
 
+def instance_masks(run_dir: Path, periods: list[int], subset: str) -> np.ndarray | None:
+    """``mask/<subset>`` of a run in ``instance_hits``' row order (None when a period did not record it)."""
+    from runners.continual import load_per_instance
+
+    parts = []
+    for t in periods:
+        table = load_per_instance(run_dir / f"period_{t}")
+        if f"mask/{subset}" not in table:
+            return None
+        parts.append(table[f"mask/{subset}"][np.argsort(table["instance_id"], kind="stable")])
+    return np.concatenate(parts).astype(bool)
+
+
 def instance_hits(run_dir: Path, periods: list[int], column: str) -> np.ndarray:
     """Per-instance values of ``column`` over the continual periods, concatenated in (period, instance id)
     order: the same rows for every method and seed on the same data, so comparisons can be paired."""
@@ -128,7 +141,27 @@ def statistics(runs: dict[str, dict[int, tuple[Path, dict]]], periods: list[int]
             if base != method and base in runs:
                 for metric in ("hr@10", "ndcg@10"):
                     res.update(paired_keys(method, base, metric, hits[method][metric], hits[base][metric]))
+                res.update(changed_rows_comparison(method, base, runs, hits, periods))
     return res
+
+
+def changed_rows_comparison(method: str, base: str, runs, hits, periods: list[int]) -> dict:
+    """Both methods scored on the test instances whose target SID *method* changed (DACT Fig. 6 across methods:
+    does the loss come from moved codes?), paired per seed: ``<method>_vs_<base>/hr@10/sid_changed_rows/...``."""
+    seeds = [s for s in runs[method] if s in runs[base]]
+    masks = [instance_masks(runs[method][s][0], periods, "sid_changed") for s in seeds]
+    if not seeds or any(m is None for m in masks) or not sum(int(m.sum()) for m in masks):
+        return {}
+    from genrec.metrics.stats import paired_test
+
+    row = {s: i for i, s in enumerate(runs[method])}
+    brow = {s: i for i, s in enumerate(runs[base])}
+    a = np.concatenate([hits[method]["hr@10"][row[s]][m] for s, m in zip(seeds, masks)])
+    b = np.concatenate([hits[base]["hr@10"][brow[s]][m] for s, m in zip(seeds, masks)])
+    key = f"{method}_vs_{base}/hr@10/sid_changed_rows"
+    t = paired_test(a, b)
+    return {f"{key}/{method}": float(a.mean()), f"{key}/{base}": float(b.mean()), f"{key}/count": float(len(a)),
+            f"{key}/diff": t["diff"], f"{key}/p_value": t["p_value"]}
 
 
 def main() -> dict:
@@ -188,6 +221,13 @@ def print_table(res: dict, methods: list[str], seeds: list[int]) -> None:
                        if f"{m}_vs_{b}/hr@10/p_value" in res)
         print(f"{m:>14} {res[f'{m}/hr@10/mean']:.4f} [{res[f'{m}/hr@10/ci95_low']:.4f}, "
               f"{res[f'{m}/hr@10/ci95_high']:.4f}]  code change {res[f'{m}/code_change/mean']:.3f}  {ps}")
+    rows = [(m, b) for m in methods for b in BASELINES if f"{m}_vs_{b}/hr@10/sid_changed_rows/count" in res]
+    if rows:
+        print("\nHR@10 on the test instances whose target SID the method changed (both methods on the same rows)")
+        for m, b in rows:
+            key = f"{m}_vs_{b}/hr@10/sid_changed_rows"
+            print(f"{m:>14} {res[f'{key}/{m}']:.4f} vs {b} {res[f'{key}/{b}']:.4f}  "
+                  f"({int(res[f'{key}/count'])} rows, p={res[f'{key}/p_value']:.3f})")
 
 
 if __name__ == "__main__":

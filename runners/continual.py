@@ -494,6 +494,7 @@ class ContinualRunner:
         targets = dm.eval_instances(TEST).target[table["instance_id"]]
         out = {}
         for name, mask in self.sid_status(targets).items():
+            table[f"mask/{name}"] = mask  # saved per instance: other methods can be scored on this method's rows
             out[f"test/count/{name}"] = float(mask.sum())
             for k in self.cfg.ks:
                 col = table.get(f"recall@{k}")

@@ -63,3 +63,31 @@ def test_diversity_bench_chooses_mmr_lambda_on_validation_not_test(monkeypatch):
     assert res["best_mmr/test/recall@10/overall"] == 0.090
     assert res["best_mmr/test/ild_gain"] == pytest.approx(0.28 / 0.20 - 1)
     assert res["best_mmr/test/recall_ratio"] == pytest.approx(0.9)
+
+
+def test_continual_bench_scores_both_methods_on_the_rows_whose_sid_the_method_changed(tmp_path):
+    sys.path.insert(0, str(REPO / "bench"))
+    import numpy as np
+    from continual import changed_rows_comparison, instance_hits
+
+    from runners.continual import save_per_instance
+
+    def run(name, recall, changed=None, ids=(3, 0, 2, 1)):
+        d = tmp_path / name / "period_1"
+        d.mkdir(parents=True)
+        table = {"instance_id": np.array(ids), "recall@10": np.array(recall, float)}
+        if changed is not None:
+            table["mask/sid_changed"] = np.array(changed)
+        save_per_instance(d / "per_instance.npz", table)
+        return d.parent
+
+    # rows in instance-id order: dact hits 1,0,0,1 on ids 0..3, its changed SIDs are ids 0 and 1
+    dact = run("dact", [1, 1, 0, 0], changed=[False, True, False, True])
+    frozen = run("frozen", [1, 1, 0, 0], ids=(0, 1, 2, 3))  # frozen hits 1,1,0,0; no SID changes of its own
+    runs = {"dact": {0: (dact, {})}, "frozen": {0: (frozen, {})}}
+    hits = {m: {"hr@10": np.stack([instance_hits(d, [1], "recall@10")])} for m, d in (("dact", dact), ("frozen", frozen))}
+    res = changed_rows_comparison("dact", "frozen", runs, hits, [1])
+    key = "dact_vs_frozen/hr@10/sid_changed_rows"
+    assert res[f"{key}/count"] == 2 and res[f"{key}/dact"] == 0.5 and res[f"{key}/frozen"] == 1.0
+    assert res[f"{key}/diff"] == -0.5
+    assert changed_rows_comparison("frozen", "dact", runs, hits, [1]) == {}  # frozen records no changed rows
