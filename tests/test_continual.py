@@ -43,6 +43,11 @@ def test_resume_after_crash_equals_uninterrupted_run(tmp_path):
         for name in ("sid_table.parquet", "state.pt", "metrics.json", "sid_diff.json", "DONE"):
             assert (folder / name).exists()
     assert "test/recall@5/cold" in full[2] and "code_change/level1" in full[1]
+    from runners.continual import load_per_instance
+
+    table = load_per_instance(tmp_path / "full" / "period_1")  # SID status per test row, for cross-method tests
+    status = np.stack([table[f"mask/sid_{s}"] for s in ("kept", "changed", "new")])
+    assert (status.sum(0) == 1).all() and status.sum(1)[1] == full[1]["test/count/sid_changed"]
     # a run that "crashed" after period 1: remove period 2's folder, then re-run the same command
     shutil.copytree(tmp_path / "full", tmp_path / "crashed")
     shutil.rmtree(tmp_path / "crashed" / "period_2")
