@@ -30,7 +30,7 @@ import lightning as L
 import numpy as np
 import torch
 
-from genrec.data.splits import TEST, TRAIN
+from genrec.data.splits import TEST, TRAIN, VALID
 from genrec.editing import EditConfig, EditReport, GenRecEditor, PositionEdits, SidTableMismatchError
 from genrec.editing.keys import ffn_out_proj
 from genrec.editing.select import candidate_lambdas, choose_lambda
@@ -194,11 +194,41 @@ class GenRecEditCallback(L.Callback):
         self.activate(module, edits)
         return edits
 
+    @staticmethod
+    def locality_dataset(datamodule, rows: int, seed: int):
+        """Up to ``rows`` validation instances of the seen periods before the cold one (a seeded draw), as an
+        evaluation dataset with the datamodule's subset masks; None when there are none."""
+        from datamodules.sequences import InstanceDataset
+
+        earlier = [p for p in datamodule.seen_periods if p != datamodule.eval_period]
+        if rows <= 0 or not earlier:
+            return None
+        inst = datamodule.split(VALID, earlier)
+        if len(inst) == 0:
+            return None
+        if len(inst) > rows:
+            inst = inst.select(np.sort(np.random.default_rng(seed).choice(len(inst), rows, replace=False)))
+        return InstanceDataset(inst, datamodule.eval_masks(inst))
+
+    def selection_batches(self, datamodule, cfg) -> _Batches:
+        """The cold period's validation batches, then the locality rows (ids shifted so none collide)."""
+        from torch.utils.data import DataLoader
+
+        from datamodules.sequences import collate_batch
+
+        val = datamodule.val_dataloader()
+        extra = self.locality_dataset(datamodule, cfg.locality_rows, cfg.seed)
+        if extra is None:
+            return _Batches([val], [0])
+        loader = DataLoader(extra, batch_size=val.batch_size, collate_fn=collate_batch)
+        return _Batches([val, loader], [0, len(val.dataset)])
+
     def choose_lambda(self, plan, module, datamodule):
-        """``cov_lambda auto``: each candidate λ = r·m on the cold period's validation split (this process only),
-        chosen under the warm-NDCG constraint (``genrec.editing.select``); (edits or None, choice)."""
+        """``cov_lambda auto``: each candidate λ = r·m on the cold period's validation split plus
+        ``locality_rows`` validation rows of the earlier periods (this process only), chosen under the
+        warm-NDCG constraint (``genrec.editing.select``); (edits or None, choice)."""
         cfg = plan.cfg
-        loader = datamodule.val_dataloader()
+        loader = self.selection_batches(datamodule, cfg)
         t0 = time.perf_counter()
         module.edit = None
         unedited = module.evaluate_loader(loader)
@@ -369,3 +399,15 @@ def continual_hook(edit_config: EditConfig | None = None, merge: bool = False, e
         return out
 
     return hook
+
+
+class _Batches:
+    """Iterate several loaders as one, shifting each loader's instance ids by its offset."""
+
+    def __init__(self, loaders, offsets) -> None:
+        self.loaders, self.offsets = loaders, offsets
+
+    def __iter__(self):
+        for loader, offset in zip(self.loaders, self.offsets):
+            for batch in loader:
+                yield {**batch, "index": batch["index"] + offset} if offset else batch

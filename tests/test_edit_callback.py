@@ -358,3 +358,27 @@ def test_one_seed_reaches_the_pseudo_histories(trained):
     a, b, c = knowledge(1), knowledge(1), knowledge(2)
     np.testing.assert_array_equal(a.histories, b.histories)
     assert not (a.histories.shape == c.histories.shape and np.array_equal(a.histories, c.histories))
+
+
+def test_auto_lambda_checks_warm_on_earlier_periods_validation_rows_too(trained):
+    """The warm constraint of ``cov_lambda auto`` sees the cold period's validation plus a seeded draw of the
+    earlier seen periods' validation rows (ids shifted past the first split's, so none is de-duplicated away)."""
+    from genrec.data.splits import VALID
+
+    module, dm, _ = fresh(trained)
+    cfg = dataclasses.replace(FAST, cov_lambda="auto", locality_rows=7)
+    cb = GenRecEditCallback(cfg)
+    n_val = len(dm.val_dataloader().dataset)
+    earlier = dm.split(VALID, [0])
+    assert len(earlier) > 7
+    batches = list(cb.selection_batches(dm, cfg))
+    ids = torch.cat([b["index"] for b in batches])
+    targets = torch.cat([b["target"] for b in batches])
+    assert len(ids) == n_val + 7 and len(torch.unique(ids)) == len(ids) and (ids[n_val:] >= n_val).all()
+    assert set(targets[n_val:].tolist()) <= set(earlier.target.tolist())
+    assert torch.equal(ids, torch.cat([b["index"] for b in cb.selection_batches(dm, cfg)]))  # seeded: same rows
+    other = torch.cat([b["target"] for b in cb.selection_batches(dm, dataclasses.replace(cfg, seed=cfg.seed + 1))])
+    assert not torch.equal(other[n_val:], targets[n_val:])
+    counted = module.evaluate_loader(cb.selection_batches(dm, cfg))
+    assert counted["val/count/overall"] == n_val + 7
+    assert len(list(cb.selection_batches(dm, dataclasses.replace(cfg, locality_rows=0)))) == len(dm.val_dataloader())
