@@ -232,9 +232,7 @@ class ContinualRunner:
         self._last = 0
         self.hooks = list(hooks or [])
         if cfg.edit:
-            from callbacks.genrecedit import continual_hook
-
-            self.hooks.append(continual_hook(cfg.edit_config))
+            self.hooks.append(edit_hook(cfg.edit_config))
         self.dataset: PreparedDataset | None = None
         self.embeddings: np.ndarray | None = None
         # state carried from period to period
@@ -793,6 +791,58 @@ def save_per_instance(path: Path, table: dict) -> None:
             np.savez(fh, **{k.replace("/", "__"): np.asarray(v) for k, v in table.items()})
 
     atomic_write(path, write)
+
+
+# ---------------------------------------------------------------------- GenRecEdit after each period
+def edit_hook(edit_config: EditConfig | None = None, merge: bool = False, evaluate_unedited: bool = True):
+    """``fn(runner, t, module) -> dict`` for ``ContinualRunner(hooks=[...])``.
+
+    After period t's recommender update: period t+1's new items get SIDs from period t's tokenizer
+    (``runner.rqvae``, codes of old items untouched), are edited in, and period t+1's test instances are
+    evaluated (warm/cold = training target of this model or not). Keys: ``edit/period{t+1}/edited/test/...``,
+    ``edit/period{t+1}/unedited/test/...`` (with ``evaluate_unedited``), ``edit/period{t+1}/edit/...``.
+    The module is then restored (SID table, trie, weights) so period t's own evaluation is unaffected;
+    ``merge=True`` instead adds the edits to the carried-over recommender state for period t+1 (decision 6).
+    """
+    from callbacks.genrecedit import GenRecEditCallback
+    from genrec.editing.keys import ffn_out_proj
+
+    config = edit_config or EditConfig()
+
+    def hook(runner, t: int, module) -> dict:
+        ds = runner.dataset
+        if t + 1 >= ds.num_periods:
+            return {}
+        nxt = t + 1
+        seen = list(runner.seen_periods)  # the periods whose targets this model has learned
+        dm = runner.sequence_dm([t], nxt, seen, 256)
+        original_table = module.sid_table
+        seeded = dataclasses.replace(config, seed=runner.cfg.seed + t)  # one seed reaches every draw
+        cb = GenRecEditCallback(seeded, cold_period=nxt, merge=merge, coder=runner.rqvae,
+                                embeddings=runner.embeddings)
+        prefix = f"edit/period{nxt}"
+        out: dict[str, float] = {}
+        try:
+            if evaluate_unedited:
+                cb.ensure_sids(module, dm, cb.cold_items(dm), runner.embeddings)
+                res = runner.evaluate(t, module, dm)
+                out.update({f"{prefix}/unedited/{k}": v for k, v in res.items()})
+            edits = cb.apply(module.to(runner.device), dm)  # None: cov_lambda auto found no safe edit
+            out.update({f"{prefix}/{k}": v for k, v in cb.metrics.items()})
+            res = runner.evaluate(t, module, dm)
+            out.update({f"{prefix}/edited/{k}": v for k, v in res.items()})
+        finally:
+            cb.remove(module)
+            module.set_sid_table(original_table, ds.catalogue_until(t), ds.num_items)
+        if merge and edits is not None and runner.tiger_state is not None:
+            names = {id(p): n for n, p in module.named_parameters()}
+            for layer, dw in edits.summed_per_layer().items():
+                name = names[id(ffn_out_proj(module.t5, layer).weight)]
+                w = runner.tiger_state[name]
+                runner.tiger_state[name] = (w.double() + dw.double()).to(w.dtype)
+        return out
+
+    return hook
 
 
 def load_per_instance(period_dir: str | Path) -> dict[str, np.ndarray]:

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from callbacks.genrecedit import GenRecEditCallback, continual_hook, load_edits, module_history_encoder
+from callbacks.genrecedit import GenRecEditCallback, load_edits, module_history_encoder
 from datamodules.sequences import SequenceDataModule
 from genrec.data.config import DataConfig
 from genrec.data.pipeline import item_embeddings
@@ -192,8 +192,8 @@ def test_cold_items_without_sids_need_a_coder(trained):
     assert edits.sid_table_hash == table.content_hash()
 
 
-def test_continual_hook_reports_next_period(trained):
-    from runners.continual import ContinualConfig, ContinualRunner
+def test_continual_edit_hook_reports_next_period(trained):
+    from runners.continual import ContinualConfig, ContinualRunner, edit_hook
 
     module, dm, root = fresh(trained)
     ds = dm.load()
@@ -204,13 +204,13 @@ def test_continual_hook_reports_next_period(trained):
     old = ds.catalogue_until(0)
     module.set_sid_table(_restrict(module.sid_table, old), old, ds.num_items)
     table_before = module.sid_table
-    out = continual_hook(FAST)(runner, 0, module)
+    out = edit_hook(FAST)(runner, 0, module)
     for key in ("edit/period1/edited/test/recall@10/cold", "edit/period1/unedited/test/recall@10/cold",
                 "edit/period1/edit/success_rate/pos0", "edit/period1/edit/seconds/values"):
         assert key in out, key
     # the module is left as it was for period 0's own evaluation
     assert module.edit is None and module.sid_table is table_before
-    assert continual_hook(FAST)(runner, 2, module) == {}  # no period after the last one
+    assert edit_hook(FAST)(runner, 2, module) == {}  # no period after the last one
 
 
 class _RecordingEditCallback(GenRecEditCallback):
