@@ -15,8 +15,7 @@ from genrec.data.config import DataConfig
 from genrec.data.pipeline import PreparedDataset, load_or_prepare
 from genrec.data.splits import TEST, TRAIN, VALID, Instances
 from genrec.errors import ConfigError, DataError
-
-SUBSETS = ("overall", "warm", "cold", "new")
+from genrec.metrics.ranking import SUBSETS
 
 
 def memgen_label_names() -> tuple[str, ...]:
@@ -26,14 +25,15 @@ def memgen_label_names() -> tuple[str, ...]:
 
 
 def subset_masks(inst: Instances, train_targets: np.ndarray) -> np.ndarray:
-    """(n, 4) bool: overall, warm, cold (target never a training target of this model), new (new in its period)."""
-    out = np.ones((len(inst), 4), dtype=bool)
+    """(n, len(SUBSETS)) bool in ``SUBSETS`` order: overall, warm, cold (target never a training target of this
+    model), new (new in its period)."""
+    out = np.ones((len(inst), len(SUBSETS)), dtype=bool)
+    col = {name: i for i, name in enumerate(SUBSETS)}
     at = 0
     for part in inst.chunks():  # bounded temporaries over millions of instances
         rows = slice(at, at + len(part))
-        out[rows, 1] = np.isin(part.target, train_targets)
-        out[rows, 2] = ~out[rows, 1]
-        out[rows, 3] = part.new_item
+        warm = np.isin(part.target, train_targets)
+        out[rows, col["warm"]], out[rows, col["cold"]], out[rows, col["new"]] = warm, ~warm, part.new_item
         at = rows.stop
     return out
 

@@ -8,6 +8,7 @@ import torch
 
 from genrec.decoding.modes import DecodeContext, DecodingConfig
 from genrec.metrics.diversity import DiversityMetrics, item_popularity
+from genrec.metrics.ranking import SUBSETS
 from genrec.models.dense import DenseScorer, DenseScorerConfig, encoder_states
 
 
@@ -68,7 +69,7 @@ class ArenaMixin:
             first = torch.where(first > 0, first, torch.full_like(first, -1))
             targets = torch.as_tensor(dm.train_instances().target, dtype=torch.long)
             pop = item_popularity(targets, ds.num_items)
-            subsets = getattr(dm, "subset_names", ("overall", "warm", "cold", "new"))
+            subsets = getattr(dm, "subset_names", SUBSETS)
             self.val_diversity, self.test_diversity = (
                 DiversityMetrics(self.ks, subsets, self.text_embeddings.cpu(), first.cpu(), pop,
                                  catalogue_size=len(catalogue)).to(self.device) for _ in range(2))

@@ -6,6 +6,7 @@ is the same for every evaluation instance, and the metrics are the SASRec/TIGER 
 
 from __future__ import annotations
 
+from genrec.metrics.ranking import SUBSETS
 from genrec.models.popularity import PopularityRecommender
 from lightning_modules.sasrec import item_metric_values, item_metrics, update_item_metrics
 
@@ -31,7 +32,7 @@ def evaluate_popularity(dm, ks: tuple[int, ...] = (5, 10, 20), splits: tuple[str
     rec = popularity_recommender(dm)
     out: dict[str, float] = {}
     for split in splits:
-        metrics = item_metrics(tuple(ks), dm.num_items, getattr(dm, "subset_names", ("overall", "warm", "cold", "new")))
+        metrics = item_metrics(tuple(ks), dm.num_items, getattr(dm, "subset_names", SUBSETS))
         for batch in getattr(dm, _LOADERS[split])():
             items = rec.top_k(max(ks), len(batch["target"]))
             update_item_metrics(metrics, items, batch["target"], batch["subsets"], batch["index"])

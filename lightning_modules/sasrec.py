@@ -17,6 +17,7 @@ import torch
 
 from genrec.errors import CheckpointError, ConfigError
 from genrec.metrics import RankingMetrics
+from genrec.metrics.ranking import SUBSETS
 from genrec.models.sasrec import SASRec, SASRecConfig
 from lightning_modules._catalogue import CatalogueBound
 from lightning_modules._hparams import save_plain_hparams
@@ -28,7 +29,7 @@ _TOKEN_BASE = (1 << 16) - 1  # RankingMetrics packs tokens into 16 bits and rese
 _SID_ONLY = ("_p", "ndcg_first", "invalid_rate")
 
 
-def item_metrics(ks: tuple[int, ...], num_items: int, subsets=("overall", "warm", "cold", "new")) -> RankingMetrics:
+def item_metrics(ks: tuple[int, ...], num_items: int, subsets=SUBSETS) -> RankingMetrics:
     """``RankingMetrics`` for an item-only ranker: every item is a 1-token "SID" (2 tokens past 65,534 items)."""
     width = 1 if num_items < _TOKEN_BASE else 2
     return RankingMetrics(ks=tuple(ks), sid_length=width, prefix_len=width, subsets=tuple(subsets))
@@ -112,7 +113,7 @@ class SASRecModule(CatalogueBound, L.LightningModule):
         if self.model is not None:
             self._build_metrics()
 
-    def _build_metrics(self, subsets=("overall", "warm", "cold", "new")) -> None:
+    def _build_metrics(self, subsets=SUBSETS) -> None:
         self.val_metrics = item_metrics(self.ks, self.cfg.num_items, subsets)
         self.test_metrics = item_metrics(self.ks, self.cfg.num_items, subsets)
 

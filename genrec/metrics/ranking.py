@@ -78,6 +78,11 @@ def prefix_keys(tokens: torch.Tensor, n: int) -> torch.Tensor:
     return key
 
 
+# The evaluation subsets every model reports, in column order (datamodules build their masks in this order;
+# MemGen labels, when enabled, follow them).
+SUBSETS: tuple[str, ...] = ("overall", "warm", "cold", "new")
+
+
 def subset_tensor(subset_masks, subsets: Sequence[str], bsz: int, device) -> torch.Tensor:
     """(B, S) bool masks from a (B, S) tensor or a mapping name → (B,) mask ("overall" may be omitted): the one
     place that fixes the column order of the evaluation subsets."""
@@ -127,7 +132,7 @@ class RankingMetrics(Metric):
     def __init__(
         self,
         ks: Sequence[int] = (5, 10, 20, 50),
-        subsets: Sequence[str] = ("overall", "warm", "cold", "new"),
+        subsets: Sequence[str] = SUBSETS,
         sid_length: int | None = 4,
         prefix_len: int = 3,
         iid_ratio: bool = True,
