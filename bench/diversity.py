@@ -8,6 +8,9 @@ distinct first-level codes, novelty and catalogue coverage of the top-10 (overal
 ``mmr_lambda<λ>/{val,test}/<metric>@10/overall`` and ``groups_penalty<p>/{val,test}/…``. ``best_mmr/…``: the λ
 with the largest intra-list-diversity gain whose recall@10 stays within 5% of plain beam search, chosen on the
 period's **validation** split; ``best_mmr/test/…`` are that λ's test values (test never takes part in the choice).
+``--pool N``: every row decodes with N beams, so MMR re-ranks N candidates into the top 10 (plain beam search at the
+same width is the baseline); ``--mmr_similarity prefix`` uses shared leading SID tokens instead of text cosine;
+``--ckpt`` reuses a trained period-0 TigerModule (e.g. ``bench/edit.py --save_ckpt``) instead of training one.
 """
 
 from __future__ import annotations
@@ -30,7 +33,12 @@ def main(argv=None) -> dict:
     p.add_argument("--lambdas", type=float, nargs="+", default=[1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.3])
     p.add_argument("--penalties", type=float, nargs="+", default=[0.0, 0.5, 1.0, 2.0, 5.0])
     p.add_argument("--groups", type=int, default=4)
+    p.add_argument("--pool", type=int, default=20, help="beam width of every row: MMR's candidate pool")
+    p.add_argument("--mmr_similarity", choices=["text", "prefix"], default="text")
+    p.add_argument("--ckpt", default=None, help="a trained period-0 TigerModule checkpoint to reuse")
     args = p.parse_args(argv)
+    if args.pool < 10:
+        p.error(f"--pool must be at least 10 (the top-10 is re-ranked from it), got {args.pool}")
     import lightning as L
     from tiger import train_tiger
 
@@ -39,9 +47,14 @@ def main(argv=None) -> dict:
     res: dict = {}
     modules: dict = {}
     with tempfile.TemporaryDirectory(prefix="genrec_diversity_") as work:
-        res.update({k: v for k, v in train_tiger(args, str(Path(work) / "prepared"), work, modules=modules).items()
-                    if k.startswith("seconds/")})
-        tiger, dm = modules["tiger"], modules["dm"]
+        if args.ckpt:
+            tiger, dm = load_tiger(args, str(Path(work) / "prepared"))
+        else:
+            res.update({k: v for k, v in train_tiger(args, str(Path(work) / "prepared"), work, modules=modules).items()
+                        if k.startswith("seconds/")})
+            tiger, dm = modules["tiger"], modules["dm"]
+        tiger.hparams.num_beams = args.pool
+        res["config/pool"] = float(args.pool)
         trainer = L.Trainer(accelerator="auto", devices=1, logger=False, enable_progress_bar=False,
                             enable_model_summary=False, default_root_dir=work)
 
@@ -54,13 +67,27 @@ def main(argv=None) -> dict:
 
         run("beam", DecodingConfig(diversity_metrics=True))
         for lam in args.lambdas:
-            run(f"mmr_lambda{lam:g}", DecodingConfig(mode="mmr", mmr_lambda=lam, diversity_metrics=True))
+            run(f"mmr_lambda{lam:g}", DecodingConfig(mode="mmr", mmr_lambda=lam, mmr_similarity=args.mmr_similarity,
+                                                     diversity_metrics=True))
         for pen in args.penalties:
             run(f"groups_penalty{pen:g}", DecodingConfig(mode="diverse", num_groups=args.groups,
                                                           diversity_penalty=pen, diversity_metrics=True))
     best_curve(res, args.lambdas)
     report(res, args.out, "accuracy vs diversity (period-1 test, TIGER trained on period 0)")
     return res
+
+
+def load_tiger(args, prepared_dir: str):
+    """A saved period-0 TigerModule and the period-1 datamodule of the same data (catalogue checked)."""
+    from datamodules.sequences import SequenceDataModule
+    from genrec.data.config import DataConfig
+    from lightning_modules.tiger import TigerModule
+
+    data = DataConfig(source="local", root=args.data, name=Path(args.data).name, embedding_model=args.embedding_model)
+    dm = SequenceDataModule(data, prepared_dir=prepared_dir, train_periods=[0], eval_period=1, batch_size=256)
+    tiger = TigerModule.load_from_checkpoint(args.ckpt, map_location="cpu", weights_only=True)
+    tiger.set_sid_table(tiger.sid_table, dm.catalogue(), dm.num_items)
+    return tiger, dm
 
 
 def best_curve(res: dict, lambdas, max_recall_drop: float = 0.05) -> None:
