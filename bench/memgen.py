@@ -58,6 +58,9 @@ def main() -> dict:
     add_training_args(p)
     p.add_argument("--num_candidates", type=int, default=None, help="top-N of each model (default: beam width 20)")
     p.add_argument("--seeds", type=int, nargs="+", default=None)
+    p.add_argument("--seed_cache", default=None,
+                   help="folder keeping each seed's results (seed<s>.json + .npz): a seed found there is not rerun, "
+                        "so seeds can run as separate processes and one last call with every seed aggregates them")
     p.add_argument("--scale", action="store_true", help="only the labelling-speed run on synthetic data")
     p.add_argument("--scale_train", type=int, default=10_000_000)
     p.add_argument("--scale_test", type=int, default=1_000_000)
@@ -72,7 +75,7 @@ def main() -> dict:
     if args.full:
         args.epochs, args.sasrec_epochs, args.codebook_size = max(args.epochs, 200), max(args.sasrec_epochs, 200), 256
     seeds = args.seeds or [args.seed]
-    runs = [run_one(argparse.Namespace(**{**vars(args), "seed": s})) for s in seeds]
+    runs = [cached_run(args, s) for s in seeds]
     if len(seeds) == 1:
         res, tables = runs[0]
     else:
@@ -85,6 +88,42 @@ def main() -> dict:
         atomic_write_json(Path(args.out).with_name(Path(args.out).stem + "_tables.json"), tables, sort_keys=False)
     print_table(res, len(seeds))
     return res
+
+
+def cached_run(args, seed: int) -> tuple[dict, dict]:
+    """``run_one`` for one seed, through ``--seed_cache`` when given (results and per-case NDCG saved atomically)."""
+    import json
+
+    import numpy as np
+
+    run = argparse.Namespace(**{**vars(args), "seed": seed})
+    if not args.seed_cache:
+        return run_one(run)
+    folder = Path(args.seed_cache)
+    settings = {k: v for k, v in sorted(vars(args).items()) if k not in ("seed", "seeds", "out", "seed_cache")}
+    settings["data"] = str(Path(args.data).resolve())
+    meta, arrays = folder / f"seed{seed}.json", folder / f"seed{seed}.npz"
+    if meta.exists() and arrays.exists():
+        saved = json.loads(meta.read_text())
+        if saved["settings"] != json.loads(json.dumps(settings)):
+            diff = sorted(k for k in settings if saved["settings"].get(k) != json.loads(json.dumps(settings))[k])
+            raise SystemExit(f"{meta} was made with other settings ({', '.join(diff)}): use another --seed_cache")
+        with np.load(arrays) as z:
+            saved["tables"]["per_case_ndcg"] = {k: z[k] for k in z.files}
+        return saved["res"], saved["tables"]
+    from genrec.files import atomic_write, atomic_write_json
+
+    res, tables = run_one(run)
+    folder.mkdir(parents=True, exist_ok=True)
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as fh:
+            np.savez(fh, **{k: np.asarray(v) for k, v in tables["per_case_ndcg"].items()})
+
+    atomic_write(arrays, write)
+    rest = {k: v for k, v in tables.items() if k != "per_case_ndcg"}
+    atomic_write_json(meta, {"settings": settings, "res": res, "tables": rest}, sort_keys=False)
+    return res, tables
 
 
 def aggregate(runs, seeds) -> dict:

@@ -91,3 +91,28 @@ def test_continual_bench_scores_both_methods_on_the_rows_whose_sid_the_method_ch
     assert res[f"{key}/count"] == 2 and res[f"{key}/dact"] == 0.5 and res[f"{key}/frozen"] == 1.0
     assert res[f"{key}/diff"] == -0.5
     assert changed_rows_comparison("frozen", "dact", runs, hits, [1]) == {}  # frozen records no changed rows
+
+
+def test_memgen_seed_cache_reuses_a_seed_and_refuses_other_settings(tmp_path, monkeypatch):
+    import argparse
+
+    import numpy as np
+
+    monkeypatch.syspath_prepend(str(REPO / "bench"))
+    import memgen
+
+    calls = []
+
+    def fake_run(a):
+        calls.append(a.seed)
+        return {"x": float(a.seed)}, {"labels": [{"label": "memorization"}], "per_case_ndcg": {"tiger": np.arange(3.0)}}
+
+    monkeypatch.setattr(memgen, "run_one", fake_run)
+    args = argparse.Namespace(data=str(tmp_path), seed=0, seeds=[0, 1], out=None, seed_cache=str(tmp_path / "c"),
+                              epochs=3)
+    first = memgen.cached_run(args, 1)
+    again = memgen.cached_run(args, 1)
+    assert calls == [1] and again[0] == first[0] == {"x": 1.0} and again[1]["labels"] == first[1]["labels"]
+    np.testing.assert_array_equal(again[1]["per_case_ndcg"]["tiger"], np.arange(3.0))
+    with pytest.raises(SystemExit, match="epochs"):
+        memgen.cached_run(argparse.Namespace(**{**vars(args), "epochs": 4}), 1)
