@@ -15,6 +15,9 @@ DEFAULT_DATA = str(Path(__file__).resolve().parents[2] / "shared" / "data" / "of
 
 
 def parser(description: str) -> argparse.ArgumentParser:
+    from genrec.quiet import quiet_third_party
+
+    quiet_third_party()  # the tables, not the libraries' chatter (GENREC_VERBOSE=1 restores it)
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--data", default=DEFAULT_DATA, help="dataset folder in the canonical layout")
     p.add_argument("--out", default=None, help="JSON file to write (flat keys)")
