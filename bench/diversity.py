@@ -37,8 +37,9 @@ def main(argv=None) -> dict:
     p.add_argument("--mmr_similarity", choices=["text", "prefix"], default="text")
     p.add_argument("--ckpt", default=None, help="a trained period-0 TigerModule checkpoint to reuse")
     args = p.parse_args(argv)
-    if args.pool < 10:
-        p.error(f"--pool must be at least 10 (the top-10 is re-ranked from it), got {args.pool}")
+    if args.pool < 10 or args.pool % args.groups:
+        p.error(f"--pool must be at least 10 (the top-10 is re-ranked from it) and a multiple of --groups "
+                f"({args.groups}: the diverse beam groups split it), got {args.pool}")
     import lightning as L
     from tiger import train_tiger
 
