@@ -80,12 +80,11 @@ def main(argv=None) -> dict:
 
 def load_tiger(args, prepared_dir: str):
     """A saved period-0 TigerModule and the period-1 datamodule of the same data (catalogue checked)."""
-    from datamodules.sequences import SequenceDataModule
-    from genrec.data.config import DataConfig
+    from tiger import period0_datamodule
+
     from lightning_modules.tiger import TigerModule
 
-    data = DataConfig(source="local", root=args.data, name=Path(args.data).name, embedding_model=args.embedding_model)
-    dm = SequenceDataModule(data, prepared_dir=prepared_dir, train_periods=[0], eval_period=1, batch_size=256)
+    dm = period0_datamodule(args, prepared_dir)
     tiger = TigerModule.load_from_checkpoint(args.ckpt, map_location="cpu", weights_only=True)
     tiger.set_sid_table(tiger.sid_table, dm.catalogue(), dm.num_items)
     return tiger, dm

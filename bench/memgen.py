@@ -101,12 +101,12 @@ def cached_run(args, seed: int) -> tuple[dict, dict]:
         return run_one(run)
     folder = Path(args.seed_cache)
     settings = {k: v for k, v in sorted(vars(args).items()) if k not in ("seed", "seeds", "out", "seed_cache")}
-    settings["data"] = str(Path(args.data).resolve())
+    settings = json.loads(json.dumps({**settings, "data": str(Path(args.data).resolve())}))  # as stored
     meta, arrays = folder / f"seed{seed}.json", folder / f"seed{seed}.npz"
     if meta.exists() and arrays.exists():
         saved = json.loads(meta.read_text())
-        if saved["settings"] != json.loads(json.dumps(settings)):
-            diff = sorted(k for k in settings if saved["settings"].get(k) != json.loads(json.dumps(settings))[k])
+        if saved["settings"] != settings:
+            diff = sorted(k for k in settings if saved["settings"].get(k) != settings[k])
             raise SystemExit(f"{meta} was made with other settings ({', '.join(diff)}): use another --seed_cache")
         with np.load(arrays) as z:
             saved["tables"]["per_case_ndcg"] = {k: z[k] for k in z.files}

@@ -21,19 +21,25 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from _common import parser, report
 
 
+def period0_datamodule(args, prepared_dir: str):
+    """Train on period 0, evaluate on period 1, of the ``--data`` folder (the benches' shared protocol)."""
+    from datamodules.sequences import SequenceDataModule
+    from genrec.data.config import DataConfig
+
+    data = DataConfig(source="local", root=args.data, name=Path(args.data).name, embedding_model=args.embedding_model)
+    return SequenceDataModule(data, prepared_dir=prepared_dir, train_periods=[0], eval_period=1, batch_size=256)
+
+
 def train_tiger(args, prepared_dir: str, workdir: str, per_instance: dict | None = None,
                 modules: dict | None = None) -> dict:
     import lightning as L
     from lightning.pytorch.callbacks import ModelCheckpoint
 
-    from datamodules.sequences import SequenceDataModule
-    from genrec.data.config import DataConfig
     from genrec.models.tiger import TigerConfig
     from lightning_modules.tiger import TigerModule
 
     L.seed_everything(args.seed, workers=True, verbose=False)
-    data = DataConfig(source="local", root=args.data, name=Path(args.data).name, embedding_model=args.embedding_model)
-    dm = SequenceDataModule(data, prepared_dir=prepared_dir, train_periods=[0], eval_period=1, batch_size=256)
+    dm = period0_datamodule(args, prepared_dir)
     # CPU-sized default (a training step of the paper-size model takes ~8 s on one core); --full = paper scale
     cfg = TigerConfig() if args.full else TigerConfig(num_encoder_layers=2, num_decoder_layers=2, d_model=64,
                                                        num_heads=4, d_kv=16, d_ff=256)
