@@ -233,6 +233,7 @@ class GenRecEditCallback(L.Callback):
         module.edit = None
         unedited = module.evaluate_loader(loader)
         candidates = {}
+        k = 10 if 10 in module.ks else max(module.ks)  # the cut-off the selection compares
         for lam in candidate_lambdas(plan.num_requests, cfg.auto_lambda_ratios):
             self.activate(module, plan.solve(lam))
             try:
@@ -240,12 +241,11 @@ class GenRecEditCallback(L.Callback):
             finally:
                 self.remove(module)
             m = candidates[lam]
-            self._say(f"λ {lam:g}: val recall@10/cold {m.get('val/recall@10/cold', float('nan')):.4f} "
-                      f"(unedited {unedited.get('val/recall@10/cold', float('nan')):.4f}), val ndcg@10/warm "
-                      f"{m.get('val/ndcg@10/warm', float('nan')):.4f} (unedited "
-                      f"{unedited.get('val/ndcg@10/warm', float('nan')):.4f})")
-        cutoff = 10 if 10 in module.ks else max(module.ks)
-        choice = choose_lambda(unedited, candidates, cfg.max_warm_drop, k=cutoff)
+            cold, warm = f"val/recall@{k}/cold", f"val/ndcg@{k}/warm"
+            self._say(f"λ {lam:g}: {cold} {m.get(cold, float('nan')):.4f} (unedited "
+                      f"{unedited.get(cold, float('nan')):.4f}), {warm} {m.get(warm, float('nan')):.4f} (unedited "
+                      f"{unedited.get(warm, float('nan')):.4f})")
+        choice = choose_lambda(unedited, candidates, cfg.max_warm_drop, k=k)
         self._say(choice.reason)
         plan.timers.times["select"] = time.perf_counter() - t0
         return (None if choice.cov_lambda is None else plan.solve(choice.cov_lambda)), choice

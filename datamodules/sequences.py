@@ -9,7 +9,7 @@ import lightning as L
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, default_collate
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, default_collate
 
 from genrec.data.config import DataConfig
 from genrec.data.pipeline import PreparedDataset, load_or_prepare
@@ -52,10 +52,12 @@ class InstanceDataset(Dataset):
 
     def __getitems__(self, indices) -> dict[str, torch.Tensor]:
         idx = np.asarray(indices, dtype=np.int64)
+        weight = (idx >= 0).astype(np.float32)  # GlobalBatchSampler's padding rows come as -(row + 1)
+        idx = np.where(idx >= 0, idx, -idx - 1)
         part = self.inst.batch(idx)
         return {"history": torch.from_numpy(part["history"]), "target": torch.from_numpy(part["target"]),
                 "user": torch.from_numpy(part["user"]), "index": torch.from_numpy(idx),
-                "subsets": self.subsets[torch.from_numpy(idx)]}
+                "subsets": self.subsets[torch.from_numpy(idx)], "weight": torch.from_numpy(weight)}
 
     def __getitem__(self, i):
         return {k: v[0] for k, v in self.__getitems__([i]).items()}
@@ -80,21 +82,46 @@ class InstanceSampler(DistributedSampler):
         return iter(order[self.rank : self.total_size : self.num_replicas].numpy())
 
 
-class ShuffleSampler(RandomSampler):
-    """torch's RandomSampler (the same order for the same seed), yielding from a tensor permutation instead of its
-    Python list of every index."""
+class GlobalBatchSampler(DistributedSampler):
+    """The training order of one process and of N processes alike: one permutation (seed + epoch, as
+    DistributedSampler) cut into global batches of ``global_batch`` rows; rank r takes rows r, r+N, … of each global
+    batch, so the N local batches of a step together are exactly the one-process batch. A global batch whose size
+    is not a multiple of N is padded with rows encoded as -(row + 1) (weight 0 in ``InstanceDataset``), so every
+    rank runs the same number of steps. Iterate it with ``batch_size=local_batch``. Being a DistributedSampler,
+    Lightning keeps it instead of injecting one."""
+
+    def __init__(self, dataset, global_batch: int, num_replicas: int = 1, rank: int = 0, seed: int = 0,
+                 shuffle: bool = True):
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed)
+        self.global_batch = global_batch
+        self.local_batch = math.ceil(global_batch / num_replicas)
+
+    def __len__(self) -> int:
+        n, b = len(self.dataset), self.global_batch
+        tail = n % b
+        return (n // b) * self.local_batch + math.ceil(tail / self.num_replicas)
 
     def __iter__(self):
-        n = len(self.data_source)
-        if self.replacement or self.num_samples % n:
-            yield from super().__iter__()
-            return
-        generator = self.generator
-        if generator is None:
-            generator = torch.Generator()
-            generator.manual_seed(int(torch.empty((), dtype=torch.int64).random_().item()))
-        for _ in range(self.num_samples // n):
-            yield from torch.randperm(n, generator=generator, dtype=_index_dtype(n)).numpy()
+        n, b, w = len(self.dataset), self.global_batch, self.num_replicas
+        if self.shuffle:
+            g = torch.Generator()
+            g.manual_seed(self.seed + self.epoch)
+            order = torch.randperm(n, generator=g, dtype=_index_dtype(n)).numpy()
+        else:
+            order = np.arange(n, dtype=np.int64)
+        full = (n // b) * b
+        parts = [self._mine(order[:full].reshape(-1, b))] if full else []
+        if n > full:
+            parts.append(self._mine(order[full:][None]))
+        return iter(np.concatenate(parts) if parts else np.zeros(0, np.int64))  # no Python list of every row
+
+    def _mine(self, chunks: np.ndarray) -> np.ndarray:
+        """(k, g) global batches → this rank's rows of each, padded to ceil(g / N), flattened."""
+        k, g = chunks.shape
+        m = math.ceil(g / self.num_replicas)
+        pad = np.repeat(-(chunks[:, :1] + 1), m * self.num_replicas - g, axis=1)
+        grid = np.concatenate([chunks, pad], axis=1).reshape(k, m, self.num_replicas)
+        return grid[:, :, self.rank].reshape(-1)
 
 
 def _index_dtype(n: int) -> torch.dtype:
@@ -128,7 +155,9 @@ class SequenceDataModule(L.LightningDataModule):
         eval_period: Period whose valid/test instances are evaluated (default: the last train period).
         seen_periods: Periods whose train targets the model has learned (warm/cold reference; default:
             ``train_periods``). A model fine-tuned period by period has seen 0..t although it trains on t.
-        batch_size: Training batch size.
+        batch_size: Global training batch: under DDP the N processes split each batch (``GlobalBatchSampler``) and
+            the losses average over the whole of it, so N processes take the one-process optimiser steps (to
+            train with N times the batch, multiply it by N).
         eval_batch_size: Validation/test batch size.
         num_workers: DataLoader workers (batches are gathered in one vectorised step, so 0–4 is plenty; memory is
             shared with the workers through the memory-mapped prepared folder).
@@ -249,13 +278,12 @@ class SequenceDataModule(L.LightningDataModule):
         masks = np.pad(masks, ((0, 0), (0, len(self.subset_names) - masks.shape[1])))
         ds = InstanceDataset(inst, masks)
         world, rank = _world()
-        if world > 1:  # the sampler Lightning would inject (its seed too), minus the Python list
-            sampler = InstanceSampler(ds, num_replicas=world, rank=rank, shuffle=True,
-                                      seed=int(os.getenv("PL_GLOBAL_SEED", "0")))
-            return DataLoader(ds, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers, **self._loader_kwargs(),
-                              drop_last=False, collate_fn=collate_batch)
-        return DataLoader(ds, batch_size=self.batch_size, sampler=ShuffleSampler(ds), num_workers=self.num_workers, **self._loader_kwargs(),
-                          drop_last=False, collate_fn=collate_batch)
+        # the same global batches under any number of processes (seeded like Lightning's injected sampler); with
+        # the losses' global mean (lightning_modules._ddp) N processes take the one-process optimiser steps
+        sampler = GlobalBatchSampler(ds, self.batch_size, num_replicas=world, rank=rank,
+                                     seed=int(os.getenv("PL_GLOBAL_SEED", "0")))
+        return DataLoader(ds, batch_size=sampler.local_batch, sampler=sampler, num_workers=self.num_workers,
+                          **self._loader_kwargs(), drop_last=False, collate_fn=collate_batch)
 
     def val_dataloader(self):
         return DataLoader(self._eval_dataset(VALID), batch_size=self.eval_batch_size, num_workers=self.num_workers, **self._loader_kwargs(),

@@ -53,5 +53,7 @@ def fit_selecting_on_val(make_trainer: Callable, module, folder: Path, *, epochs
         chosen = int(saved["epoch"]) + 1
     else:  # the module as trained: the unvalidated last epoch, or no validation at all
         chosen = epochs
-    shutil.rmtree(folder, ignore_errors=True)
+    trainer.strategy.barrier("genrec-selection")  # every rank has read the checkpoint before rank 0 removes it
+    if trainer.is_global_zero:
+        shutil.rmtree(folder, ignore_errors=True)
     return chosen

@@ -20,6 +20,7 @@ from genrec.metrics import RankingMetrics
 from genrec.metrics.ranking import SUBSETS
 from genrec.models.sasrec import SASRec, SASRecConfig
 from lightning_modules._catalogue import CatalogueBound
+from lightning_modules._ddp import global_mean, real_rows, select_rows
 from lightning_modules._hparams import save_plain_hparams
 from lightning_modules._outputs import write_metrics_json
 
@@ -163,9 +164,13 @@ class SASRecModule(CatalogueBound, L.LightningModule):
 
     def training_step(self, batch, batch_idx):
         mask = self.train_item_mask if self.train_item_mask.numel() else None
+        rows = real_rows(batch)
+        batch = select_rows(batch, rows)
         loss = self.model.loss(batch["history"], batch["target"], item_mask=mask)
         self.log(f"train/loss_{self.cfg.loss}", loss, prog_bar=True, batch_size=len(batch["target"]))
-        return loss
+        # the loss is a mean over predicted positions: their global count weighs each rank (0: padding only)
+        count = self.model.num_positions(batch["history"]) if rows is None or rows.any() else 0
+        return global_mean(self, loss, count)
 
     def configure_optimizers(self):
         hp = self.hparams

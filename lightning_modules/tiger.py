@@ -20,6 +20,7 @@ from genrec.models.tiger import TigerConfig, build_tiger
 from genrec.tokenizers.sid import PAD_TOKEN, SemanticIdTable
 from lightning_modules._arena import ArenaMixin
 from lightning_modules._catalogue import CatalogueBound
+from lightning_modules._ddp import global_mean, real_rows, select_rows
 from lightning_modules._hparams import save_plain_hparams
 from lightning_modules._outputs import write_metrics_json
 
@@ -209,12 +210,16 @@ class TigerModule(ArenaMixin, CatalogueBound, L.LightningModule):
         return self.dense_or_joint_loss(input_ids, mask, self.targets(target), target)[0]
 
     def training_step(self, batch, batch_idx):
+        rows = real_rows(batch)
+        batch = select_rows(batch, rows)
+        n = len(batch["target"]) if rows is None or rows.any() else 0  # 0: a rank holding padding only
         input_ids, mask = self.encode(batch["history"], batch.get("user"))
         loss, dense = self.dense_or_joint_loss(input_ids, mask, self.targets(batch["target"]), batch["target"])
-        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["target"]))
+        self.log("train/loss", loss, prog_bar=True, batch_size=max(n, 1))
         if dense is not None:
-            self.log("train/dense_loss", dense, batch_size=len(batch["target"]))
-        return loss
+            self.log("train/dense_loss", dense, batch_size=max(n, 1))
+        # every row has L+1 target tokens: the global mean over rows is TIGER's one-process token mean
+        return global_mean(self, loss, n)
 
     def on_train_epoch_start(self) -> None:
         if self.dense is not None and self.hparams.dense_train == "post_hoc":

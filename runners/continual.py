@@ -15,6 +15,7 @@ import dataclasses
 import json
 import os
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +24,7 @@ from typing import Literal
 import numpy as np
 import torch
 
+from genrec import distributed
 from genrec.data.config import DataConfig
 from genrec.data.fingerprint import content_config, require_same
 from genrec.data.pipeline import PreparedDataset, item_embeddings, load_or_prepare
@@ -106,6 +108,14 @@ class ContinualConfig:
             ``period_<t>/analysis/`` (needs ``use_cf``).
         seed: One seed for everything (period t uses seed + t).
         accelerator: Lightning accelerator of every stage (auto | cpu | gpu).
+        devices: Processes (one per GPU, or CPU processes) of the run. N > 1 launches N local processes of one
+            process group (``torchrun --nproc_per_node N -m genrec continual …`` does the same; under torchrun or
+            SLURM the launcher's world size is used). The CF model and TIGER train data-parallel on the one-process
+            global batches (``batch_size`` stays the global batch) and evaluation is sharded; the item-level
+            tokenizer stages (RQ-VAE, fine-tune, DACT), reassignment and GenRecEdit are computed identically on
+            every rank from rank 0's broadcast state; rank 0 writes the run folder, the others wait. Without
+            dropout the metrics equal the one-process run up to float rounding (each rank draws its own dropout
+            masks otherwise).
         precision: Lightning precision of every stage (``bf16-mixed`` on recent GPUs; the closed-form edit and C̄0
             stay float64 regardless).
         logger: wandb (offline unless WANDB_MODE says otherwise) | csv | none.
@@ -135,6 +145,7 @@ class ContinualConfig:
     analyze: bool = False
     seed: int = 0
     accelerator: str = "auto"
+    devices: int = 1
     precision: Literal["32-true", "bf16-mixed", "16-mixed", "bf16-true"] = "32-true"
     logger: Literal["wandb", "csv", "none"] = "wandb"
     wandb_project: str = "genrec"
@@ -175,6 +186,8 @@ class ContinualConfig:
         if self.edit and self.tiger.num_user_tokens > 0:
             raise ConfigError("continual.edit true needs tiger.num_user_tokens 0 (GenRecEdit's pseudo histories "
                               "have no user)")
+        if self.devices < 1:
+            raise ConfigError(f"continual.devices: expected >= 1, got {self.devices}")
         if self.last_period is not None and self.last_period < 0:
             raise ConfigError(f"continual.last_period: expected >= 0, got {self.last_period}")
         for name in ("rqvae_stage", "finetune_tokenizer_stage", "sasrec_stage", "sasrec_finetune_stage",
@@ -205,7 +218,7 @@ class ContinualConfig:
 
 
 # Fields that do not change a run's results: a run folder may be resumed with other values.
-NON_RESULT_FIELDS = ("run_dir", "overwrite", "last_period", "logger", "wandb_project", "accelerator")
+NON_RESULT_FIELDS = ("run_dir", "overwrite", "last_period", "logger", "wandb_project", "accelerator", "devices")
 RUN_KIND = "continual"
 # Fields that shape period 0 (what `init_from` must agree on).
 PERIOD0_FIELDS = ("use_cf", "edit", "edit_config", "rqvae", "rqvae_stage", "rqvae_warmup_epochs", "sasrec",
@@ -246,7 +259,8 @@ class ContinualRunner:
 
     # ------------------------------------------------------------------ helpers
     def log(self, msg: str) -> None:
-        print(f"[continual {self.cfg.name}] {msg}", flush=True)
+        if distributed.is_main():
+            print(f"[continual {self.cfg.name}] {msg}", flush=True)
 
     @property
     def device(self) -> torch.device:
@@ -258,21 +272,33 @@ class ContinualRunner:
     def period_dir(self, t: int) -> Path:
         return self.run_dir / f"period_{t}"
 
-    def trainer(self, epochs: int, t: int, stage: str, **kw):
+    def trainer(self, epochs: int, t: int, stage: str, parallel: bool = True, **kw):
+        """A stage's Trainer: data-parallel over the run's processes (``parallel``), else this process alone (the
+        item-level tokenizer stages, computed identically on every rank)."""
         import lightning as L
 
         from lightning_modules._progress import progress_kwargs
 
         progress = progress_kwargs(f"continual {self.cfg.name}] [period {t} {stage}")
+        if not distributed.is_main():  # one progress report per run, not per rank
+            progress = {"enable_progress_bar": False, "callbacks": []}
         callbacks = progress.pop("callbacks") + kw.pop("callbacks", [])
         from lightning.pytorch.callbacks import ModelCheckpoint
 
         checkpointing = any(isinstance(cb, ModelCheckpoint) for cb in callbacks)  # only the selection's own
+        world = distributed.world()
+        if world > 1 and parallel:
+            placement = {"devices": distributed.local_world(), "num_nodes": world // distributed.local_world(),
+                         "strategy": "ddp"}
+        elif world > 1 and self.device.type == "cuda":
+            placement = {"devices": [distributed.local_rank()]}
+        else:
+            placement = {"devices": 1}
         return L.Trainer(
-            max_epochs=epochs, accelerator=self.cfg.accelerator, precision=self.cfg.precision, devices=1, logger=False,
+            max_epochs=epochs, accelerator=self.cfg.accelerator, precision=self.cfg.precision, logger=False,
             enable_checkpointing=checkpointing, enable_model_summary=False, callbacks=callbacks,
             num_sanity_val_steps=0, deterministic=True, default_root_dir=str(self.period_dir(t) / stage),
-            **progress, **kw,
+            **placement, **progress, **kw,
         )
 
     def seed(self, t: int) -> None:
@@ -321,8 +347,8 @@ class ContinualRunner:
             module = RQVAEModule(rq_cfg, lr=st.lr, warmup_epochs=self.cfg.rqvae_warmup_epochs,
                                  suffix_size=self.cfg.suffix_size)
             dm = ItemEmbeddingDataModule.from_arrays(x, cf_rows, batch_size=st.batch_size)
-            self.trainer(st.epochs, t, "rqvae").fit(module, datamodule=dm)
-            self.rqvae = module.model.eval()
+            self.trainer(st.epochs, t, "rqvae", parallel=False).fit(module, datamodule=dm)
+            self.rqvae = self.same_on_every_rank(module.model).eval()
             codes = self.rqvae.get_codes(torch.from_numpy(x))
             table = build_sid_table(codes, items, rq_cfg.codebook_size, self.cfg.suffix_size)
             return table, {}
@@ -338,10 +364,11 @@ class ContinualRunner:
             dcfg = dataclasses.replace(self.cfg.dact, seed=self.cfg.seed + t)
             module = DACTModule.from_model(previous, dcfg, cdim_state_dict=self.dact_cdim)
             dm = ItemEmbeddingDataModule.from_arrays(x, cf_rows, batch_size=dcfg.batch_size)
-            self.trainer(dcfg.epochs, t, "dact").fit(module, datamodule=dm)
-            current = module.tokenizer.eval()
+            self.trainer(dcfg.epochs, t, "dact", parallel=False).fit(module, datamodule=dm)
+            current = self.same_on_every_rank(module.tokenizer).eval()
             if module.model.cdim is not None:
-                self.dact_cdim = {k: v.detach().cpu().clone() for k, v in module.model.cdim.state_dict().items()}
+                self.dact_cdim = distributed.broadcast(
+                    {k: v.detach().cpu().clone() for k, v in module.model.cdim.state_dict().items()})
             from genrec.tokenizers.dact import reassign_mode
 
             res = reassign(self.sid_table, items, x, current, mode=reassign_mode(dcfg))
@@ -353,11 +380,20 @@ class ContinualRunner:
                                  suffix_size=self.cfg.suffix_size)
             module.model.load_state_dict(previous.state_dict())
             dm = ItemEmbeddingDataModule.from_arrays(x, cf_rows, batch_size=st.batch_size)
-            self.trainer(st.epochs, t, "tokenizer").fit(module, datamodule=dm)
-            current = module.model.eval()
+            self.trainer(st.epochs, t, "tokenizer", parallel=False).fit(module, datamodule=dm)
+            current = self.same_on_every_rank(module.model).eval()
             res = reassign(self.sid_table, items, x, current, mode=method)
         self.rqvae = current
         return res.table, res.stats
+
+    @staticmethod
+    def same_on_every_rank(model: torch.nn.Module) -> torch.nn.Module:
+        """Rank 0's weights on every rank: replicated training is bitwise identical on CPU, but GPU kernels need not
+        be, and the SID tables built from these weights must agree."""
+        if distributed.world() > 1:
+            state = distributed.broadcast({k: v.detach().cpu() for k, v in model.state_dict().items()})
+            model.load_state_dict(state)
+        return model
 
     def stage_recommender(self, t: int, table: SemanticIdTable):
         from lightning_modules.tiger import TigerModule
@@ -402,9 +438,10 @@ class ContinualRunner:
         sas.eval_item_mask = sas._mask(dm.catalogue(), n)
         module, sas = module.to(self.device), sas.to(self.device)
         flat, tables = analyze_modules(module, sas, dm)
-        out = self.period_dir(t) / "analysis"
-        out.mkdir(parents=True, exist_ok=True)
-        write_outputs(out, flat, tables)
+        if distributed.is_main():
+            out = self.period_dir(t) / "analysis"
+            out.mkdir(parents=True, exist_ok=True)
+            write_outputs(out, flat, tables)
         keep = {k: v for k, v in flat.items() if not k.startswith("seconds/")}
         return {f"memgen/{k}" if not k.startswith("memgen/") else k: v for k, v in keep.items()}
 
@@ -508,7 +545,13 @@ class ContinualRunner:
 
     # ------------------------------------------------------------------ persistence
     def save_period(self, t: int, table: SemanticIdTable, metrics: dict, diff: dict, timings: dict) -> None:
-        """Every file atomically; ``DONE`` last, so a period folder without it is incomplete."""
+        """Every file atomically; ``DONE`` last, so a period folder without it is incomplete. Rank 0 writes; the
+        others wait until it has."""
+        if distributed.is_main():
+            self._write_period(t, table, metrics, diff, timings)
+        distributed.barrier()
+
+    def _write_period(self, t: int, table: SemanticIdTable, metrics: dict, diff: dict, timings: dict) -> None:
         d = self.period_dir(t)
         d.mkdir(parents=True, exist_ok=True)
         table.save(d / "sid_table.parquet")
@@ -575,6 +618,20 @@ class ContinualRunner:
         if self.data.protocol != "periods":
             raise ConfigError("genrec continual needs data.protocol periods (got "
                               f"{self.data.protocol!r})")
+        launched = distributed.launched_world()
+        if launched > 1 and self.cfg.devices not in (1, launched):
+            raise ConfigError(f"continual.devices {self.cfg.devices} contradicts the launcher's {launched} processes "
+                              "(WORLD_SIZE); leave devices at 1 under torchrun/SLURM")
+        distributed.init(use_cuda=self.device.type == "cuda")
+        if distributed.is_main():
+            self.setup_folder()
+        distributed.barrier()  # rank 0 claimed the folder, prepared the data and cached the item embeddings
+        if not distributed.is_main():
+            self.dataset = load_or_prepare(self.data, str(self.run_dir / "prepared"))
+            self.embeddings = item_embeddings(self.dataset, show_progress=False)
+            self.seen_periods, self._last = [0], self.last_period()
+
+    def setup_folder(self) -> None:
         created = self._created = self.claim_run_dir()
         info_path = self.run_dir / "run.json"
         try:
@@ -659,7 +716,7 @@ class ContinualRunner:
                 self.run_period(t)
             except BaseException:
                 self.clear_period(t)  # an unfinished period leaves nothing half-written
-                if self._created and not self.results:
+                if self._created and not self.results and distributed.is_main():
                     remove_ours(self.run_dir, RUN_KIND)  # nothing finished: leave no run folder behind
                 raise
         self.finish()
@@ -669,7 +726,7 @@ class ContinualRunner:
         import shutil
 
         d = self.period_dir(t)
-        if d.exists() and not (d / "DONE").exists():
+        if distributed.is_main() and d.exists() and not (d / "DONE").exists():
             shutil.rmtree(d)
 
     def run_period(self, t: int) -> None:
@@ -680,6 +737,9 @@ class ContinualRunner:
         timings["cf"] = time.perf_counter() - t0
         self.log(f"period {t}: CF embeddings {'skipped' if cf is None else 'ready'} ({timings['cf']:.1f}s)")
         t0 = time.perf_counter()
+        # every stage starts from the period's seed: its draws do not depend on how many random numbers the stages
+        # before it took (which differs with the process count: Lightning's DDP re-seeds at each fit)
+        self.seed(t)
         table, reassign_stats = self.stage_tokenizer(t, cf)
         diff = self.sid_table.diff(table) if self.sid_table is not None else {}
         diff.update({f"reassign/{k}": v for k, v in reassign_stats.items() if k not in diff})
@@ -688,12 +748,14 @@ class ContinualRunner:
         self.log(f"period {t}: tokenizer ({'rqvae' if t == 0 else self.tok_method}) "
                  f"{timings['tokenizer']:.1f}s; code change {diff.get('overall', 0.0):.3f}")
         t0 = time.perf_counter()
+        self.seed(t)
         module, dm = self.stage_recommender(t, table)
         timings["recommender"] = time.perf_counter() - t0
         self.log(f"period {t}: recommender ({'train' if t == 0 else self.rec_method}) "
                  f"{timings['recommender']:.1f}s")
         metrics: dict[str, float] = {}
         for hook in self.hooks:
+            self.seed(t)
             metrics.update(hook(self, t, module) or {})
         t0 = time.perf_counter()
         metrics.update(self.evaluate(t, module, dm))
@@ -743,7 +805,7 @@ class ContinualRunner:
         atomic_write_json(index, [*logged, {"name": name, "alias": f"period{t}", **meta}], sort_keys=False)
 
     def logger(self):
-        if self._logger is None and self.cfg.logger != "none":
+        if self._logger is None and self.cfg.logger != "none" and distributed.is_main():
             from lightning.pytorch.loggers import CSVLogger, WandbLogger
 
             name = f"{self.cfg.name}-seed{self.cfg.seed}"
@@ -762,6 +824,8 @@ class ContinualRunner:
         return self._logger
 
     def finish(self) -> None:
+        if not distributed.is_main():
+            return
         table = summary_rows(self.results)
         atomic_write_json(self.run_dir / "summary.json", table, sort_keys=False)
         logger = self.logger()
@@ -818,8 +882,9 @@ def edit_hook(edit_config: EditConfig | None = None, merge: bool = False, evalua
         dm = runner.sequence_dm([t], nxt, seen, 256)
         original_table = module.sid_table
         seeded = dataclasses.replace(config, seed=runner.cfg.seed + t)  # one seed reaches every draw
+        # every rank computes the same edit (replicated, like the tokenizer); rank 0 reports it
         cb = GenRecEditCallback(seeded, cold_period=nxt, merge=merge, coder=runner.rqvae,
-                                embeddings=runner.embeddings)
+                                embeddings=runner.embeddings, verbose=distributed.is_main())
         prefix = f"edit/period{nxt}"
         out: dict[str, float] = {}
         try:
@@ -827,7 +892,10 @@ def edit_hook(edit_config: EditConfig | None = None, merge: bool = False, evalua
                 cb.ensure_sids(module, dm, cb.cold_items(dm), runner.embeddings)
                 res = runner.evaluate(t, module, dm)
                 out.update({f"{prefix}/unedited/{k}": v for k, v in res.items()})
-            edits = cb.apply(module.to(runner.device), dm)  # None: cov_lambda auto found no safe edit
+            with warnings.catch_warnings():
+                if not distributed.is_main():
+                    warnings.simplefilter("ignore")
+                edits = cb.apply(module.to(runner.device), dm)  # None: cov_lambda auto found no safe edit
             out.update({f"{prefix}/{k}": v for k, v in cb.metrics.items()})
             res = runner.evaluate(t, module, dm)
             out.update({f"{prefix}/edited/{k}": v for k, v in res.items()})
@@ -890,7 +958,16 @@ def parser():
 
 
 def main(argv: list[str] | None = None) -> dict:
+    import sys
+
+    argv = list(sys.argv[1:] if argv is None else argv)
     p = parser()
     cfg = p.parse_args(argv)
     init = p.instantiate(cfg)
+    n = init.continual.devices
+    if n > 1 and distributed.launched_world() == 1:  # our own launcher: N processes run this same command
+        code = distributed.spawn(["continual", *argv], n)
+        if code:
+            raise SystemExit(code)  # the failing rank has printed its error
+        return {}
     return ContinualRunner(init.data, init.continual).run()

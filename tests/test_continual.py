@@ -311,3 +311,72 @@ def test_cli_run_is_quiet_shows_progress_and_ends_with_its_folder(tmp_path):
         assert any(ln.startswith("[continual dact] [period") and f" {stage}] epoch" in ln for ln in lines), stage
     assert proc.stdout.strip().splitlines()[-1] == f"[continual dact] outputs: {tmp_path / 'run'}"
     assert len(list((tmp_path / "run" / "wandb").glob("offline-run-*"))) == 1
+
+
+def _equal_metrics(a: dict, b: dict) -> list[str]:
+    """Keys whose values differ beyond float rounding (timings excluded)."""
+    import math
+
+    def same(x, y):
+        if isinstance(x, float) and isinstance(y, float):
+            return (math.isnan(x) and math.isnan(y)) or abs(x - y) <= 1e-6 + 1e-5 * abs(x)
+        return x == y
+
+    return sorted(k for k in set(a) | set(b) if not k.startswith("seconds/") and "/seconds" not in k
+                  and not (k in a and k in b and same(a[k], b[k])))
+
+
+@pytest.mark.slow
+def test_two_processes_give_the_one_process_run(tmp_path):
+    """`genrec continual --continual.devices 2` (2 gloo processes, data-parallel SASRec/TIGER, sharded evaluation,
+    replicated DACT and GenRecEdit): the same metrics.json (float rounding) and the same SID tables as 1 process.
+    Odd batch sizes make the global batches split unevenly and pad a rank; dropout is 0 (ranks draw their own
+    masks)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import pandas as pd
+    import yaml
+
+    config = {
+        "data": {"source": "synthetic", "name": "synthetic", "protocol": "periods",
+                 "synthetic": {"num_users": 120, "num_items": 70}, "period_fractions": [0.6, 0.2, 0.2],
+                 "cache_dir": str(tmp_path / "cache")},
+        "continual": {
+            "method": "dact", "logger": "none", "accelerator": "cpu", "edit": True,
+            "rqvae": {"hidden_dims": [32], "latent_dim": 8, "num_levels": 2, "codebook_size": 8, "kmeans_iters": 5},
+            "rqvae_stage": {"epochs": 2, "batch_size": 64}, "rqvae_warmup_epochs": 1,
+            "dact": {"epochs": 2, "batch_size": 64, "warmup_epochs": 0},
+            "sasrec": {"hidden": 8, "num_layers": 1, "dropout": 0.0}, "sasrec_stage": {"epochs": 2, "batch_size": 51},
+            "sasrec_finetune_stage": {"epochs": 1, "batch_size": 51},
+            "tiger": {"num_encoder_layers": 1, "num_decoder_layers": 1, "d_model": 16, "num_heads": 2, "d_kv": 8,
+                      "d_ff": 32, "dropout": 0.0},
+            "tiger_stage": {"epochs": 3, "batch_size": 63}, "tiger_finetune_stage": {"epochs": 2, "batch_size": 63},
+            "select_every_n_epochs": 2, "tiger_warmup_steps": 2, "num_beams": 8, "ks": [5, 8], "suffix_size": 32,
+        },
+    }
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(config))
+    env = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    runs = {}
+    for n in (1, 2):
+        run = tmp_path / f"run{n}"
+        proc = subprocess.run([sys.executable, "-m", "genrec", "continual", "--config", str(path),
+                               "--continual.run_dir", str(run), "--continual.devices", str(n)],
+                              env=env, check=False, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        runs[n] = run
+        if n == 2:  # one report per run, not one per rank
+            assert proc.stdout.count("[continual dact] period 2: test recall@10") == 1
+            assert proc.stdout.count("dact: per-period results") == 1
+    for t in range(3):
+        one, two = (json.loads((runs[n] / f"period_{t}" / "metrics.json").read_text()) for n in (1, 2))
+        assert _equal_metrics(one, two) == [], t
+        assert "test/ndcg@8/overall" in one and one["test/count/overall"] > 0
+        tables = [pd.read_parquet(runs[n] / f"period_{t}" / "sid_table.parquet") for n in (1, 2)]
+        assert tables[0].equals(tables[1]), t
+    assert one["code_change/overall"] >= 0 and any(k.startswith("edit/period") for k in
+                                                   json.loads((runs[2] / "period_1" / "metrics.json").read_text()))

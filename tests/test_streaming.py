@@ -11,12 +11,12 @@ import pandas as pd
 import pytest
 import torch
 from conftest import real_data
-from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
+from torch.utils.data import DataLoader, DistributedSampler
 
 from datamodules.sequences import (
+    GlobalBatchSampler,
     InstanceSampler,
     SequenceDataModule,
-    ShuffleSampler,
     collate_batch,
 )
 from genrec.data.columns import Workspace, stable_argsort
@@ -321,14 +321,49 @@ def test_lightning_sampler_injection_keeps_the_batch_gather(module_dm):
     from lightning.pytorch.utilities.data import _update_dataloader
 
     loader = module_dm.train_dataloader()
-    assert isinstance(loader.sampler, ShuffleSampler)
+    assert isinstance(loader.sampler, GlobalBatchSampler)  # a DistributedSampler: Lightning keeps it
     injected = _update_dataloader(loader, DistributedSampler(loader.dataset, num_replicas=2, rank=1, shuffle=True))
     batch = next(iter(injected))
-    assert set(batch) == {"history", "target", "user", "index", "subsets"} and len(batch["target"]) == 64
-    torch.manual_seed(0)
-    a = list(RandomSampler(loader.dataset))
-    torch.manual_seed(0)
-    assert [int(i) for i in ShuffleSampler(loader.dataset)] == a  # same shuffle as before: same metrics
+    assert set(batch) == {"history", "target", "user", "index", "subsets", "weight"} and len(batch["target"]) == 64
+
+
+class _Sized:
+    def __init__(self, n):
+        self.n = n
+
+    def __len__(self):
+        return self.n
+
+
+@pytest.mark.parametrize("n,batch,world", [(10, 4, 2), (11, 4, 2), (13, 5, 3), (7, 8, 3), (2, 8, 3), (100, 32, 1)])
+def test_global_batches_are_the_one_process_batches_under_any_world(n, batch, world):
+    """Step k's local batches of N ranks hold exactly the rows of the one-process batch k; ranks run the same number
+    of steps (padding rows, encoded -(row + 1), fill uneven splits)."""
+    one = list(GlobalBatchSampler(_Sized(n), batch, 1, 0, seed=5))
+    assert sorted(int(i) for i in one) == list(range(n))
+    reference = [sorted(int(i) for i in one[i:i + batch]) for i in range(0, n, batch)]
+    samplers = [GlobalBatchSampler(_Sized(n), batch, world, r, seed=5) for r in range(world)]
+    local = samplers[0].local_batch
+    per_rank = []
+    for s in samplers:
+        rows = [int(i) for i in s]
+        assert len(rows) == len(s)
+        per_rank.append([rows[i:i + local] for i in range(0, len(rows), local)])
+    assert len({len(b) for b in per_rank}) == 1
+    for k, expected in enumerate(reference):
+        real = sorted(i for b in per_rank for i in b[k] if i >= 0)
+        padding = [i for b in per_rank for i in b[k] if i < 0]
+        assert real == expected and all(-i - 1 in expected for i in padding)
+    samplers[0].set_epoch(1)
+    assert [int(i) for i in samplers[0]] != [int(i) for i in GlobalBatchSampler(_Sized(n), batch, world, 0, seed=5)] \
+        or n <= batch
+
+
+def test_padding_rows_carry_weight_zero(module_dm):
+    ds = module_dm.train_dataloader().dataset
+    batch = ds.__getitems__([3, -4, 5])
+    assert batch["weight"].tolist() == [1.0, 0.0, 1.0] and batch["index"].tolist() == [3, 3, 5]
+    assert torch.equal(batch["history"][0], batch["history"][1])
 
 
 def _prepare_in_process(args):

@@ -175,6 +175,12 @@ class SASRec(nn.Module):
         targets = torch.cat([history[:, 1:], target[:, None]], dim=1)
         return targets, history != PAD_ITEM
 
+    def num_positions(self, history: torch.Tensor) -> int:
+        """How many positions :meth:`loss` averages over for these histories."""
+        if self.config.train_positions == "last":
+            return int(history.shape[0])
+        return int((history != PAD_ITEM).sum())
+
     def loss(
         self,
         history: torch.Tensor,
